@@ -1,0 +1,187 @@
+"""Analytic ``BlockMask`` construction from per-block index intervals.
+
+A ``BlockMask`` lists, for each query block, the key blocks to visit (partial: the
+``mask_mod`` runs; full: it is skipped), and the transpose for the backward pass. Every mask
+in dilattn has, for each block of one axis, ONE contiguous interval of touched blocks on the
+other axis with ONE contiguous interval of full blocks inside it, so the whole mask follows
+from four integers per block, computed with a few vectorised ops instead of evaluating the
+mask on every block pair (which ``create_block_mask`` does, O(S^2)).
+
+Each side must be sound: touched covers every block pair with a visible entry, full holds
+only pairs whose entries are all visible. Tests check both against ``create_block_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
+
+# Masks with at most this many block pairs keep index rows as wide as the other axis, the
+# layout torch's own BlockMask helpers (``to_dense``, ``print``) expect; larger ones keep only
+# as many columns as a row can touch, so a 1M-token mask costs megabytes, not gigabytes.
+_DENSE_LAYOUT_PAIRS = 1 << 20
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Spans(NamedTuple):
+    """Per block of one axis ``(B, H, n)``: touched blocks ``[lo, hi)`` of the other axis, and
+    the full ones ``[full_lo, full_hi)`` within them (empty when ``full_lo >= full_hi``)."""
+
+    lo: Tensor
+    hi: Tensor
+    full_lo: Tensor
+    full_hi: Tensor
+
+
+def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them."""
+    lo, hi, full_lo, full_hi = torch.broadcast_tensors(*spans)
+    hi = torch.maximum(hi, lo)
+    has_full = full_lo < full_hi
+    full_lo = torch.where(has_full, full_lo, lo)
+    full_hi = torch.where(has_full, full_hi, lo)
+    i = torch.arange(width, device=lo.device)
+    before = (full_lo - lo).unsqueeze(-1)  # partial blocks left of the full run
+    partial = torch.where(i < before, lo.unsqueeze(-1) + i, full_hi.unsqueeze(-1) + i - before)
+    full = full_lo.unsqueeze(-1) + i
+
+    def as_index(x: Tensor) -> Tensor:
+        return x.clamp(0, n_other - 1).to(torch.int32).contiguous()
+
+    num = (full_lo - lo) + (hi - full_hi)
+    return (
+        num.to(torch.int32).contiguous(),
+        as_index(partial),
+        (full_hi - full_lo).to(torch.int32).contiguous(),
+        as_index(full),
+    )
+
+
+def block_mask_from_spans(
+    rows: Spans,
+    cols: Spans,
+    *,
+    seq_lengths: tuple[int, int],
+    block_size: int,
+    mask_mod: _mask_mod_signature,
+    widths: tuple[int, int],
+) -> BlockMask:
+    """Build a ``BlockMask`` from the spans of each query block (``rows``) and of each key
+    block (``cols``, the transpose). ``widths`` bound how many blocks one query (key) block
+    touches on the other axis."""
+    n_q, n_kv = cdiv(seq_lengths[0], block_size), cdiv(seq_lengths[1], block_size)
+    if n_q * n_kv <= _DENSE_LAYOUT_PAIRS:
+        widths = (n_kv, n_q)
+    kv = _ordered(rows, n_kv, min(widths[0], n_kv))
+    q = _ordered(cols, n_q, min(widths[1], n_q))
+    return BlockMask(
+        seq_lengths=seq_lengths,
+        kv_num_blocks=kv[0],
+        kv_indices=kv[1],
+        full_kv_num_blocks=kv[2],
+        full_kv_indices=kv[3],
+        q_num_blocks=q[0],
+        q_indices=q[1],
+        full_q_num_blocks=q[2],
+        full_q_indices=q[3],
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=mask_mod,
+    )
+
+
+def union_spans(
+    branches: Sequence[tuple[int, int]],
+    *,
+    this_len: int,
+    other_len: int,
+    block_size: int,
+    causal_sign: int,
+    device: torch.device,
+) -> Spans:
+    """Spans of the union of dilated branches, for the blocks of one axis ``(1, 1, n)``.
+
+    Ignoring which rows take part (every block of ``block_size >= r`` rows has some), block
+    ``[a, z]`` of this axis touches the rows of the other axis that share a segment of some
+    branch with it; with ``causal_sign = +1`` (this axis holds queries) only keys starting at
+    or before ``z``, with ``-1`` (this axis holds keys) only queries ending at or after ``a``.
+    Full blocks come from one ``r = 1`` branch holding both blocks in one segment (the
+    longest such run); causal full blocks lie strictly off the block diagonal.
+    Every branch's interval contains the block at this block's own position, so their union
+    is one interval.
+    """
+    bs = block_size
+    n_other = cdiv(other_len, bs)
+    blk = torch.arange(cdiv(this_len, bs), device=device)
+    a = blk * bs
+    z = torch.clamp(a + bs, max=this_len) - 1
+    lo = torch.full_like(blk, n_other)
+    hi = torch.zeros_like(blk)
+    full_lo = torch.zeros_like(blk)
+    full_hi = torch.zeros_like(blk)
+    for w, r in branches:
+        first, last = a // w, z // w  # segments this block overlaps
+        seg_a = first * w
+        seg_z = torch.clamp((last + 1) * w, max=other_len) - 1
+        b_lo, b_hi = seg_a // bs, seg_z // bs + 1
+        if causal_sign > 0:
+            b_hi = torch.minimum(b_hi, z // bs + 1)
+        elif causal_sign < 0:
+            b_lo = torch.maximum(b_lo, blk)
+        touched = (seg_a <= seg_z) & (b_lo < b_hi)
+        lo = torch.where(touched, torch.minimum(lo, b_lo), lo)
+        hi = torch.where(touched, torch.maximum(hi, b_hi), hi)
+        if r != 1:
+            continue
+        f_z = torch.clamp((first + 1) * w, max=other_len) - 1
+        f_lo = (seg_a + bs - 1) // bs
+        f_hi = torch.where(f_z == other_len - 1, n_other, (f_z + 1) // bs)
+        if causal_sign > 0:
+            f_hi = torch.minimum(f_hi, blk)
+        elif causal_sign < 0:
+            f_lo = torch.maximum(f_lo, blk + 1)
+        longer = (first == last) & (f_lo < f_hi) & (f_hi - f_lo > full_hi - full_lo)
+        full_lo = torch.where(longer, f_lo, full_lo)
+        full_hi = torch.where(longer, f_hi, full_hi)
+    lo = torch.minimum(lo, hi)
+    return Spans(*(x.view(1, 1, -1) for x in (lo, hi, full_lo, full_hi)))
+
+
+def union_width(branches: Sequence[tuple[int, int]], block_size: int) -> int:
+    """How many blocks of the other axis one block can touch in :func:`union_spans`."""
+    longest = max(w for w, _ in branches)
+    return (block_size + 2 * longest) // block_size + 2
+
+
+def prefix_spans(
+    valid_lo: Tensor, valid_hi: Tensor, *, length: int, block_size: int, is_causal: bool
+) -> tuple[Spans, Spans]:
+    """Row and column spans of attention over ``length`` rows where, for batch row ``b``, the
+    keys ``[0, valid)`` are visible with ``valid`` between ``valid_lo[b]`` and ``valid_hi[b]``
+    over the heads (and, when causal, only keys at or before the query). ``(B, 1, n)`` each."""
+    bs = block_size
+    n = cdiv(length, bs)
+    blk = torch.arange(n, device=valid_lo.device).view(1, 1, -1)
+    touch_hi = ((valid_hi + bs - 1) // bs).view(-1, 1, 1)  # key blocks with a visible key
+    full_hi = torch.where(valid_lo == length, n, valid_lo // bs).view(-1, 1, 1)  # all visible
+    zero = torch.zeros_like(blk)
+    if is_causal:
+        rows = Spans(zero, torch.minimum(touch_hi, blk + 1), zero, torch.minimum(full_hi, blk))
+        cols = Spans(
+            blk,
+            torch.where(blk < touch_hi, n, blk),
+            blk + 1,
+            torch.where(blk < full_hi, n, blk + 1),
+        )
+    else:
+        rows = Spans(zero, touch_hi, zero, full_hi)
+        cols = Spans(
+            zero, torch.where(blk < touch_hi, n, 0), zero, torch.where(blk < full_hi, n, 0)
+        )
+    return rows, cols

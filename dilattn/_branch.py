@@ -1,0 +1,192 @@
+"""The branch path: each branch's rows gathered into a compact layout, attended, merged back.
+
+Shape legend: ``B`` batch, ``H`` query heads, ``Hc`` heads of the compact keys (``H_kv`` when
+every head of a key/value group shares its offset, else ``H``), ``N`` segments, ``M`` compact
+rows per segment (``ceil(w / r)``), ``S`` positions, ``D`` head dim.
+
+Branch ``(w, r)``: segment ``j``, head ``h`` with offset ``o`` holds positions
+``j*w + o + k*r`` for ``k < M``. Those are gathered into a batch of ``B*N`` short sequences
+of ``M`` rows, where plain (causal) attention over a prefix of valid keys is exactly the
+branch: rows past the segment or the sequence end are padding, masked as keys and dropped as
+queries. Two backends compute that attention: ``flex`` (FlexAttention with an analytic block
+mask; compiled on CUDA, eager and forward-only on CPU) and ``math`` (matmul and softmax,
+any device, differentiable).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+from dilattn._blocks import block_mask_from_spans, cdiv, prefix_spans
+from dilattn._softmax import softmax_with_lse
+from dilattn.merge import merge_by_lse
+
+Backend = Literal["flex", "math"]
+
+BLOCK_SIZE = 128
+_compiled_flex = torch.compile(flex_attention)
+
+
+class Layout(NamedTuple):
+    """Where one branch's compact rows come from, for given lengths."""
+
+    q_index: Tensor  # (N, H, M) positions of compact queries, clamped into [0, S_q)
+    q_target: Tensor  # (N, H, M) the same, with padding rows sent to the spare row S_q
+    kv_heads: Tensor  # (Hc,) source key/value head of each compact key head
+    kv_index: Tensor  # (N, Hc, M) positions of compact keys, clamped into [0, S_kv)
+    kv_count: Tensor  # (N, H) int32: compact keys [0, kv_count) are real for each query head
+    rows: int  # M
+
+
+def _positions(offsets: Tensor, w: int, r: int, segments: int, rows: int) -> tuple[Tensor, Tensor]:
+    """``(positions, inside)``, each ``(N, len(offsets), M)``: ``j*w + o + k*r`` and whether it
+    lies inside its segment."""
+    j = torch.arange(segments, device=offsets.device).view(-1, 1, 1)
+    k = torch.arange(rows, device=offsets.device).view(1, 1, -1)
+    relative = offsets.view(1, -1, 1) + k * r
+    return j * w + relative, (relative < w).expand(segments, -1, -1)
+
+
+def layout(
+    w: int, r: int, offsets: tuple[int, ...], group: int, q_len: int, kv_len: int, device: torch.device
+) -> Layout:
+    """The compact layout of branch ``(w, r)``; ``group`` query heads share a key/value head."""
+    total = max(q_len, kv_len)
+    w = min(w, total)  # a longer segment holds the same positions
+    segments, rows = cdiv(total, w), cdiv(w, r)
+    q_offsets = torch.tensor(offsets, device=device)
+    q_pos, q_inside = _positions(q_offsets, w, r, segments, rows)
+    q_real = q_inside & (q_pos < q_len)
+    shared = all(offsets[h] == offsets[h - h % group] for h in range(len(offsets)))
+    kv_heads = torch.arange(len(offsets) // group if shared else len(offsets), device=device)
+    kv_offsets = q_offsets[::group] if shared else q_offsets
+    kv_pos, _ = _positions(kv_offsets, w, r, segments, rows)
+    return Layout(
+        q_index=q_pos.clamp(max=q_len - 1),
+        q_target=torch.where(q_real, q_pos, q_len),
+        kv_heads=kv_heads if shared else kv_heads // group,
+        kv_index=kv_pos.clamp(max=kv_len - 1),
+        kv_count=(q_inside & (q_pos < kv_len)).sum(-1, dtype=torch.int32),  # per query head
+        rows=rows,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(*args: Any) -> Layout:
+    with torch.inference_mode(False):  # usable later with autograd too
+        return layout(*args)
+
+
+def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` ``(N, Hc, M)`` of heads ``heads`` of ``x`` ``(B, Hx, S, D)`` -> ``(B*N, Hc, M, D)``."""
+    rows = x[:, heads.view(1, -1, 1), index]  # (B, N, Hc, M, D)
+    return rearrange(rows, "b n h m d -> (b n) h m d")
+
+
+def _math_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Attention of ``q`` ``(B', H, M, D)`` over the first ``kv_count`` ``(B', H)`` keys of
+    ``k``/``v`` ``(B', Hc, M, D)``; returns ``(B', H, M, Dv)`` and lse ``(B', H, M)``."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    groups = q.shape[1] // k.shape[1]
+    q_g = rearrange(q.to(work), "b (k g) m d -> b k g m d", g=groups)
+    scores = torch.einsum("bkgmd,bksd->bkgms", q_g, k.to(work)) * scale
+    keys = torch.arange(k.shape[2], device=q.device)
+    visible = keys < rearrange(kv_count, "b (k g) -> b k g 1 1", g=groups)  # (B', Hk, G, 1, M)
+    if is_causal:
+        visible = visible & (keys.view(-1, 1) >= keys)  # (M, M): query row >= key row
+    probs, lse = softmax_with_lse(scores.masked_fill(~visible, -torch.inf), dim=-1)
+    out = torch.einsum("bkgms,bksd->bkgmd", probs, v.to(work))
+    return (
+        rearrange(out, "b k g m d -> b (k g) m d").to(q.dtype),
+        rearrange(lse, "b k g m -> b (k g) m"),
+    )
+
+
+def _flex_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """As :func:`_math_attention`, by FlexAttention with an analytic block mask."""
+    rows, cols = prefix_spans(
+        kv_count.amin(1), kv_count.amax(1), length=q.shape[2], block_size=BLOCK_SIZE,
+        is_causal=is_causal,
+    )
+
+    def valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return kv_idx < kv_count[b, h]
+
+    def causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx)
+
+    n = cdiv(q.shape[2], BLOCK_SIZE)
+    block_mask = block_mask_from_spans(
+        rows, cols, seq_lengths=(q.shape[2], k.shape[2]), block_size=BLOCK_SIZE,
+        mask_mod=causal_valid if is_causal else valid, widths=(n, n),
+    )
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": True, "return_aux": AuxRequest(lse=True)}
+    if q.is_cuda:
+        out, aux = _run_compiled(q, k, v, kwargs)
+    else:
+        out, aux = flex_attention(q, k, v, **kwargs)  # eager: forward only on CPU
+    return out, aux.lse
+
+
+def _run_compiled(q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple[Tensor, object]:
+    """Compiled flex; never the silent eager fallback (it materialises all scores)."""
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _compiled_flex(q, k, v, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        raise RuntimeError(
+            "dilattn: compiled FlexAttention hit torch._dynamo.config.recompile_limit "
+            f"({torch._dynamo.config.recompile_limit}); refusing to fall back to eager flex, "
+            "which materialises every score. Raise the limit for this many distinct "
+            "dtypes/head dims/configurations."
+        ) from error
+
+
+def branch_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    branches: tuple[tuple[int, int], ...],
+    offsets: tuple[tuple[int, ...], ...],
+    *,
+    is_causal: bool,
+    scale: float,
+    backend: Backend,
+) -> tuple[Tensor, Tensor]:
+    """Dilated attention by the branch path: ``(B, H, S_q, Dv)`` and lse ``(B, H, S_q)``."""
+    B, H, q_len, _ = query.shape
+    kv_len, group = key.shape[2], H // key.shape[1]
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
+    lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
+    heads = torch.arange(H, device=query.device).view(1, -1, 1)
+    attend = _flex_attention if backend == "flex" else _math_attention
+    make = layout if torch.compiler.is_compiling() else _cached_layout
+    for (w, r), head_offsets in zip(branches, offsets, strict=True):
+        lay = make(w, r, head_offsets, group, q_len, kv_len, query.device)
+        q_rows = _gather(query, heads.view(-1), lay.q_index)
+        k_rows = _gather(key, lay.kv_heads, lay.kv_index)
+        v_rows = _gather(value, lay.kv_heads, lay.kv_index)
+        kv_count = lay.kv_count.repeat(B, 1)  # (B*N, H)
+        o_rows, lse_rows = attend(q_rows, k_rows, v_rows, kv_count, is_causal, scale)
+        target = (slice(None), heads, lay.q_target)  # (B, N, H, M) rows of out/lse
+        new_out, new_lse = merge_by_lse(
+            [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=B)],
+            [lse[target], rearrange(lse_rows, "(b n) h m -> b n h m", b=B)],
+            out_dtype=work,
+        )
+        out[target] = new_out
+        lse[target] = new_lse
+    return out[:, :, :q_len].to(query.dtype), lse[:, :, :q_len]

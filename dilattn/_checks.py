@@ -1,0 +1,76 @@
+"""Validation of attention inputs, shared by every path."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Shapes(NamedTuple):
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+
+
+def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, *, enable_gqa: bool) -> Shapes:
+    """Check ``(B, H, S, D)`` query/key/value the way ``F.scaled_dot_product_attention`` reads them."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, S, D), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, "
+            f"{value.device}"
+        )
+    B, Hq, Sq, D = query.shape
+    Bk, Hk, Sk, Dk = key.shape
+    Bv, Hv, Sv, Dv = value.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
+    if D != Dk:
+        raise ValueError(f"query and key head dims differ: {D} and {Dk}")
+    if Hk != Hv or Sk != Sv:
+        raise ValueError(
+            f"key and value must agree in heads and length, got key {tuple(key.shape)} and "
+            f"value {tuple(value.shape)}"
+        )
+    if Sq == 0 or Sk == 0:
+        raise ValueError(f"sequence lengths must be positive, got query {Sq} and key {Sk}")
+    if Hq != Hk:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {Hq} heads and key/value {Hk}: pass enable_gqa=True for grouped-query "
+                "attention"
+            )
+        if Hq % Hk != 0:
+            raise ValueError(
+                f"with enable_gqa, query heads ({Hq}) must be a multiple of key/value heads ({Hk})"
+            )
+    return Shapes(B, Hq, Hk, Sq, Sk, D, Dv)
+
+
+def default_scale(scale: float | None, head_dim: int) -> float:
+    """``scale`` or ``1 / sqrt(head_dim)``, as SDPA does."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    return float(scale)
+
+
+def as_device(device: torch.device | str | None) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)

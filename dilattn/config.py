@@ -1,0 +1,109 @@
+"""The configuration of dilated attention: branches, their validation and per-head offsets."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DilatedConfig", "HeadOffsets"]
+
+HeadOffsets = Literal["cyclic", "grouped"]
+"""How head ``h`` of ``H`` picks its offset in a branch of rate ``r``.
+
+* ``"cyclic"``: ``h % r``, the paper's ``s_h = h mod r`` (default).
+* ``"grouped"``: ``h // ceil(H / r)``, contiguous head groups, as Microsoft's torchscale
+  LongNet does; use it to load its checkpoints.
+"""
+
+
+def _positive_ints(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers, got {values!r}")
+    if len(values) == 0:
+        raise ValueError(f"{name} must not be empty")
+    out = []
+    for value in values:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must hold integers, got {value!r} in {list(values)}")
+        try:
+            number = operator.index(value)
+        except TypeError:
+            raise ValueError(
+                f"{name} must hold integers, got {value!r} in {list(values)}"
+            ) from None
+        if number <= 0:
+            raise ValueError(f"{name} must be positive, got {number} in {list(values)}")
+        out.append(number)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DilatedConfig:
+    """An immutable list of branches ``(segment_length w, dilation_rate r)``.
+
+    Branch ``(w, r)`` splits positions into segments ``[j*w, (j+1)*w)``; inside a segment,
+    position ``p`` takes part for head ``h`` iff ``(p - j*w) % r == offset(h, r)``.
+    Validation raises ``ValueError`` naming the argument.
+
+    Example::
+
+        >>> DilatedConfig((2048, 4096), (1, 2)).branches
+        ((2048, 1), (4096, 2))
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    head_offsets: HeadOffsets = "cyclic"
+
+    def __post_init__(self) -> None:
+        segments = _positive_ints("segment_lengths", self.segment_lengths)
+        rates = _positive_ints("dilation_rates", self.dilation_rates)
+        if len(segments) != len(rates):
+            raise ValueError(
+                "segment_lengths and dilation_rates must have the same length, got "
+                f"{len(segments)} segment lengths {list(segments)} and {len(rates)} "
+                f"dilation rates {list(rates)}"
+            )
+        for w, r in zip(segments, rates, strict=True):
+            if r > w:
+                raise ValueError(
+                    f"each dilation rate must be at most its segment length, got rate {r} "
+                    f"for segment length {w}"
+                )
+        if self.head_offsets not in ("cyclic", "grouped"):
+            raise ValueError(
+                f"head_offsets must be 'cyclic' or 'grouped', got {self.head_offsets!r}"
+            )
+        object.__setattr__(self, "segment_lengths", segments)
+        object.__setattr__(self, "dilation_rates", rates)
+
+    @property
+    def branches(self) -> tuple[tuple[int, int], ...]:
+        """The branches as ``(segment_length, dilation_rate)`` pairs."""
+        return tuple(zip(self.segment_lengths, self.dilation_rates, strict=True))
+
+    def offsets(self, num_heads: int) -> tuple[tuple[int, ...], ...]:
+        """Per branch, the offset of each of ``num_heads`` query heads (``len == num_heads``)."""
+        if num_heads <= 0:
+            raise ValueError(f"num_heads must be positive, got {num_heads}")
+        if self.head_offsets == "cyclic":
+            return tuple(tuple(h % r for h in range(num_heads)) for r in self.dilation_rates)
+        return tuple(
+            tuple(h // math.ceil(num_heads / r) for h in range(num_heads))
+            for r in self.dilation_rates
+        )
+
+    def flops(
+        self, seq_len: int, *, batch_size: int = 1, num_heads: int = 1, head_dim: int = 64,
+        is_causal: bool = False,
+    ) -> float:
+        """Useful FLOPs of one forward: ``sum_i 4 * B * H * S * min(w_i, S) * D / r_i**2``,
+        halved when causal (design.md, section 2)."""
+        total = sum(
+            4 * batch_size * num_heads * seq_len * min(w, seq_len) * head_dim / r**2
+            for w, r in self.branches
+        )
+        return total / 2 if is_causal else total

@@ -1,0 +1,78 @@
+"""``dilated_attention``: the functional fast path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import Tensor
+
+from dilattn._branch import Backend, branch_attention
+from dilattn._checks import check_attention_inputs, default_scale
+from dilattn.config import DilatedConfig, HeadOffsets
+
+__all__ = ["dilated_attention", "resolve_backend"]
+
+
+def resolve_backend(backend: Literal["auto", "flex", "math"], query: Tensor, *, head_dim: int) -> Backend:
+    """The backend that runs: ``"auto"`` is ``"flex"`` on CUDA and ``"math"`` elsewhere."""
+    if backend not in ("auto", "flex", "math"):
+        raise ValueError(f"backend must be 'auto', 'flex' or 'math', got {backend!r}")
+    if backend == "auto":
+        return "flex" if query.is_cuda else "math"
+    if backend == "flex" and query.is_cuda and head_dim < 16:
+        raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
+    return backend
+
+
+def dilated_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    head_offsets: HeadOffsets = "cyclic",
+    backend: Literal["auto", "flex", "math"] = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LongNet dilated attention (arXiv 2307.02486), exactly, on SDPA's layout.
+
+    Branch ``(w, r)`` splits positions into segments ``[j*w, (j+1)*w)``; for head ``h``, the
+    positions ``p`` with ``(p - j*w) % r == offset(h, r)`` attend to each other inside their
+    segment. The branch outputs ``O_i`` merge by their softmax denominators:
+    ``O = sum_i exp(lse_i - L) O_i``, ``L = logsumexp_i lse_i``. A row no branch covers gives 0.
+
+    Args:
+        query: ``(B, H, S_q, D)``, float16/bfloat16/float32/float64.
+        key: ``(B, H_kv, S_kv, D)``; ``H_kv`` divides ``H`` when ``enable_gqa``.
+        value: ``(B, H_kv, S_kv, D_v)``.
+        segment_lengths: ``w_i``, one per branch; any ``S`` works (the last segment may be
+            short, a segment longer than the sequence is the whole sequence).
+        dilation_rates: ``r_i <= w_i``; ``w_i % r_i`` need not be 0.
+        is_causal: mask keys after the query (positions aligned at 0 for both, as in SDPA).
+        scale: score scale, default ``1 / sqrt(D)``.
+        enable_gqa: allow ``H_kv < H`` (grouped-query attention).
+        return_lse: also return the merged log-sum-exp, float32 ``(B, H, S_q)``.
+        head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale's
+            ``h // ceil(H / r)``).
+        backend: ``"flex"`` (FlexAttention per branch; compiled on CUDA, forward-only eager on
+            CPU), ``"math"`` (matmul and softmax per segment; any device, differentiable, for
+            CPU training), or ``"auto"``: flex on CUDA, math elsewhere.
+
+    Returns:
+        ``(B, H, S_q, D_v)`` in the input dtype, and the lse when ``return_lse``.
+
+    Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference``.
+    """
+    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
+    chosen = resolve_backend(backend, query, head_dim=shapes.head_dim)
+    out, lse = branch_attention(
+        query, key, value, config.branches, config.offsets(shapes.q_heads),
+        is_causal=is_causal, scale=default_scale(scale, shapes.head_dim), backend=chosen,
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,159 @@
+"""FlexAttention mask and score mods for dilated attention, and the one-line ``flex_mask``.
+
+The merged result of all branches equals ONE softmax over all keys with the additive bias
+``log m(h, p, p')``, where ``m`` counts the branches in which query ``p`` sees key ``p'``
+(design.md, section 2). So the union of the branch masks as ``mask_mod`` and ``+ log m`` as
+``score_mod`` make a single ``flex_attention`` call exactly dilated attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, _score_mod_signature
+
+from dilattn._blocks import block_mask_from_spans, union_spans, union_width
+from dilattn._checks import as_device
+from dilattn.config import DilatedConfig, HeadOffsets
+
+__all__ = ["FlexMask", "dilated_mask_mod", "dilated_score_mod", "flex_mask"]
+
+
+def _name(config: DilatedConfig, is_causal: bool) -> str:
+    w = "-".join(map(str, config.segment_lengths))
+    r = "-".join(map(str, config.dilation_rates))
+    grouped = "_grouped" if config.head_offsets == "grouped" else ""
+    return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{grouped}"
+
+
+def _multiplicity_fn(config: DilatedConfig, num_heads: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``m(h, q, kv)`` on index tensors: the number of branches in which ``q`` sees ``kv``."""
+    grouped = config.head_offsets == "grouped"
+    branches = [(w, r, math.ceil(num_heads / r)) for w, r in config.branches]
+
+    def count(h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        total = None
+        for w, r, group in branches:
+            offset = h // group if grouped else h % r
+            hit = (q_idx // w == kv_idx // w) & ((q_idx % w) % r == offset) & ((kv_idx % w) % r == offset)
+            total = hit.to(torch.int32) if total is None else total + hit.to(torch.int32)
+        assert total is not None  # a config has at least one branch
+        return total
+
+    return count
+
+
+def dilated_mask_mod(
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    num_heads: int,
+    is_causal: bool = False,
+    head_offsets: HeadOffsets = "cyclic",
+) -> _mask_mod_signature:
+    """A flex ``mask_mod``: query ``q_idx`` sees ``kv_idx`` for head ``h`` iff some branch
+    ``(w, r)`` holds both in one segment (``q_idx // w == kv_idx // w``) with both taking part
+    (``(idx % w) % r == offset(h, r)``), and, when causal, ``kv_idx <= q_idx``.
+    ``h`` is the query head; ``num_heads`` the number of query heads."""
+    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    count = _multiplicity_fn(config, num_heads)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        seen = count(h, q_idx, kv_idx) > 0
+        return seen & (kv_idx <= q_idx) if is_causal else seen
+
+    mask_mod.__name__ = _name(config, is_causal)
+    return mask_mod
+
+
+def dilated_score_mod(
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    num_heads: int,
+    head_offsets: HeadOffsets = "cyclic",
+) -> _score_mod_signature:
+    """A flex ``score_mod`` adding ``log m(h, q_idx, kv_idx)``: the log of the number of branches
+    in which the query sees the key (``-inf`` where none does)."""
+    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    count = _multiplicity_fn(config, num_heads)
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + torch.log(count(h, q_idx, kv_idx).to(score.dtype))
+
+    score_mod.__name__ = "log_multiplicity_" + _name(config, False).removeprefix("dilated_")
+    return score_mod
+
+
+class FlexMask(NamedTuple):
+    """What ``flex_attention`` needs to compute dilated attention in one call."""
+
+    block_mask: BlockMask
+    score_mod: _score_mod_signature
+
+
+def flex_mask(
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    q_len: int,
+    kv_len: int | None = None,
+    num_heads: int,
+    is_causal: bool = False,
+    head_offsets: HeadOffsets = "cyclic",
+    block_size: int = 128,
+    device: torch.device | str | None = None,
+) -> FlexMask:
+    """Dilated attention as one ``flex_attention`` call: the one-line mask.
+
+    Example::
+
+        m = dilattn.flex_mask([2048, 4096], [1, 2], q_len=S, num_heads=H, device="cuda")
+        out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod)
+        # out: (B, H, S, D), exactly dilattn.dilated_attention(q, k, v, [2048, 4096], [1, 2])
+
+    Args:
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``.
+        q_len, kv_len: sequence lengths of query and key (``kv_len`` defaults to ``q_len``);
+            positions are aligned at 0 for both, as in SDPA and flex.
+        num_heads: query heads (with GQA, pass ``enable_gqa=True`` to ``flex_attention``).
+        is_causal: mask keys after the query.
+        head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale).
+        block_size: flex's sparse block size (both axes).
+        device: where the block mask lives (the device of q, k, v).
+
+    Returns:
+        ``FlexMask(block_mask, score_mod)``. The block mask is built analytically from block
+        intervals, is shared by all heads (``H = 1``), and stays small at 1M tokens.
+
+    Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
+    """
+    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    kv_len = q_len if kv_len is None else kv_len
+    for name, value in (("q_len", q_len), ("kv_len", kv_len), ("num_heads", num_heads), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    dev = as_device(device)
+    common = {"branches": config.branches, "block_size": block_size, "device": dev}
+    rows = union_spans(this_len=q_len, other_len=kv_len, causal_sign=int(is_causal), **common)
+    cols = union_spans(this_len=kv_len, other_len=q_len, causal_sign=-int(is_causal), **common)
+    width = union_width(config.branches, block_size)
+    block_mask = block_mask_from_spans(
+        rows,
+        cols,
+        seq_lengths=(q_len, kv_len),
+        block_size=block_size,
+        mask_mod=dilated_mask_mod(
+            config.segment_lengths, config.dilation_rates, num_heads=num_heads,
+            is_causal=is_causal, head_offsets=head_offsets,
+        ),
+        widths=(width, width),
+    )
+    score_mod = dilated_score_mod(
+        config.segment_lengths, config.dilation_rates, num_heads=num_heads, head_offsets=head_offsets
+    )
+    return FlexMask(block_mask, score_mod)
