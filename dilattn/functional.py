@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from dilattn._branch import Backend, branch_attention
@@ -14,14 +15,25 @@ from dilattn.config import DilatedConfig, HeadOffsets
 __all__ = ["dilated_attention", "resolve_backend"]
 
 
-def resolve_backend(backend: Literal["auto", "flex", "math"], query: Tensor, *, head_dim: int) -> Backend:
-    """The backend that runs: ``"auto"`` is ``"flex"`` on CUDA and ``"math"`` elsewhere."""
+def resolve_backend(
+    backend: Literal["auto", "flex", "math"], *tensors: Tensor, head_dim: int
+) -> Backend:
+    """The backend that runs on ``tensors`` (query first): ``"auto"`` is ``"flex"`` on CUDA
+    and ``"math"`` elsewhere."""
+    query = tensors[0]
     if backend not in ("auto", "flex", "math"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'math', got {backend!r}")
     if backend == "auto":
         return "flex" if query.is_cuda else "math"
     if backend == "flex" and query.is_cuda and head_dim < 16:
         raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
+    if backend == "flex" and not query.is_cuda and torch.is_grad_enabled() and any(
+        x.requires_grad for x in tensors
+    ):
+        raise ValueError(
+            "backend='flex' is forward-only off CUDA (FlexAttention has no CPU backward); "
+            "use backend='math' (the default there) to train"
+        )
     return backend
 
 
@@ -70,7 +82,7 @@ def dilated_attention(
     """
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    chosen = resolve_backend(backend, query, head_dim=shapes.head_dim)
+    chosen = resolve_backend(backend, query, key, value, head_dim=shapes.head_dim)
     out, lse = branch_attention(
         query, key, value, config.branches, config.offsets(shapes.q_heads),
         is_causal=is_causal, scale=default_scale(scale, shapes.head_dim), backend=chosen,

@@ -1,0 +1,129 @@
+"""The functional fast path against the dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LOW_DTYPES, Case, assert_within_budget, cases
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dilattn import dilated_attention
+from dilattn.reference import dilated_attention_reference
+
+
+def _both(case: Case, q, k, v, **extra):
+    args = (q, k, v, case.segment_lengths, case.dilation_rates)
+    return dilated_attention_reference(*args, **case.kwargs, **extra)
+
+
+@given(case=cases(), dtype=st.sampled_from([torch.float64, *LOW_DTYPES]))
+def test_math_backend_matches_reference(case: Case, dtype: torch.dtype) -> None:
+    (q64, k64, v64), (q, k, v) = case.inputs(dtype)
+    truth, truth_lse = _both(case, q64, k64, v64, return_lse=True)
+    baseline, baseline_lse = _both(case, q, k, v, return_lse=True)
+    out, lse = dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs,
+        return_lse=True, backend="math",
+    )
+    assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
+    assert_within_budget(out, baseline, truth)
+    assert_within_budget(lse.to(dtype), baseline_lse, truth_lse)
+
+
+@given(case=cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_flex_backend_forward_matches_reference(case: Case, dtype: torch.dtype) -> None:
+    (q64, k64, v64), (q, k, v) = case.inputs(dtype)
+    truth = _both(case, q64, k64, v64)
+    out = dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs, backend="flex"
+    )
+    assert_within_budget(out, _both(case, q, k, v), truth)
+
+
+@given(case=cases(max_len=32))
+def test_math_backend_gradients_match_reference(case: Case) -> None:
+    (q, k, v), _ = case.inputs(torch.float64, requires_grad=True)
+    args = (q, k, v, case.segment_lengths, case.dilation_rates)
+    out, lse = dilated_attention(*args, **case.kwargs, return_lse=True, backend="math")
+    ref, ref_lse = dilated_attention_reference(*args, **case.kwargs, return_lse=True)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    covered = torch.isfinite(ref_lse)  # the lse of an uncovered row is -inf, no gradient
+    loss = (out * grad_out).sum() + (lse.where(covered, 0) * grad_lse).sum()
+    ref_loss = (ref * grad_out).sum() + (ref_lse.where(covered, 0) * grad_lse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v))
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["math", "flex"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_rows_no_branch_covers_give_zero(backend: str, is_causal: bool) -> None:
+    # one branch with r = 3 and no r = 1: two positions in three are left out for each head
+    q, k, v = (torch.randn(1, 2, 19, 8, requires_grad=backend == "math") for _ in range(3))
+    out, lse = dilated_attention(
+        q, k, v, [9], [3], is_causal=is_causal, return_lse=True, backend=backend
+    )
+    positions = torch.arange(19)
+    covered = ((positions % 9) % 3).view(1, 1, -1) == torch.arange(2).view(1, -1, 1)
+    assert torch.equal(torch.isinf(lse), ~covered)
+    assert (out[~covered.expand(1, 2, 19)] == 0).all()
+    if backend == "math":
+        out.sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_sequence_shorter_than_every_segment() -> None:
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    out = dilated_attention(q, k, v, [64, 128], [1, 2], backend="math")
+    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [64, 128], [1, 2]))
+
+
+def test_papers_configuration_with_w_not_multiple_of_r() -> None:
+    # the paper's own rates 6 and 12 do not divide its segments; scaled down to CPU size
+    segments, rates = [16, 32, 64, 128, 256], [1, 2, 4, 6, 12]
+    q, k, v = (torch.randn(1, 12, 300, 8, dtype=torch.float64) for _ in range(3))
+    for is_causal in (False, True):
+        out = dilated_attention(q, k, v, segments, rates, is_causal=is_causal)
+        ref = dilated_attention_reference(q, k, v, segments, rates, is_causal=is_causal)
+        torch.testing.assert_close(out, ref)
+
+
+def _qkv(**shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    return [torch.randn(shapes.get(n, (1, 2, 8, 4))) for n in ("q", "k", "v")]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "kwargs", "error", "match"),
+    [
+        (_qkv(q=(2, 8, 4)), {}, ValueError, "query must have shape"),
+        (_qkv(k=(1, 1, 8, 4), v=(1, 1, 8, 4)), {}, ValueError, "enable_gqa=True"),
+        (_qkv(q=(1, 3, 8, 4), k=(1, 2, 8, 4), v=(1, 2, 8, 4)), {"enable_gqa": True}, ValueError,
+         "multiple of key/value heads"),
+        (_qkv(k=(2, 2, 8, 4)), {}, ValueError, "batch sizes differ"),
+        (_qkv(k=(1, 2, 8, 5)), {}, ValueError, "head dims differ"),
+        (_qkv(v=(1, 2, 7, 4)), {}, ValueError, "key and value must agree"),
+        (_qkv(q=(1, 2, 0, 4)), {}, ValueError, "sequence lengths must be positive"),
+        (_qkv(), {"backend": "triton"}, ValueError, "backend must be"),
+        (_qkv(), {"scale": "0.5"}, TypeError, "scale must be a float"),
+    ],
+)
+def test_bad_inputs_raise(tensors, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        dilated_attention(*tensors, [4], [1], **kwargs)
+
+
+def test_bad_dtypes_raise() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="share a dtype"):
+        dilated_attention(q, k.double(), v, [4], [1])
+    with pytest.raises(TypeError, match="floating-point"):
+        dilated_attention(q.long(), k, v, [4], [1])
+
+
+def test_flex_backend_refuses_cpu_training() -> None:
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    with pytest.raises(ValueError, match="forward-only"):
+        dilated_attention(q, k, v, [4], [1], backend="flex")
