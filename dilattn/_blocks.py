@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
 # Masks with at most this many block pairs keep index rows as wide as the other axis, the
 # layout torch's own BlockMask helpers (``to_dense``, ``print``) expect; larger ones keep only
-# as many columns as a row can touch, so a 1M-token mask costs megabytes, not gigabytes.
+# as many columns as the longest row needs, so a 1M-token mask costs megabytes, not gigabytes.
 _DENSE_LAYOUT_PAIRS = 1 << 20
 
 
@@ -41,26 +41,31 @@ class Spans(NamedTuple):
 
 
 def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them."""
+    """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them,
+    index rows ``width`` wide (outside compilation: as wide as the longest row needs)."""
     lo, hi, full_lo, full_hi = torch.broadcast_tensors(*spans)
     hi = torch.maximum(hi, lo)
     has_full = full_lo < full_hi
     full_lo = torch.where(has_full, full_lo, lo)
     full_hi = torch.where(has_full, full_hi, lo)
-    i = torch.arange(width, device=lo.device)
-    before = (full_lo - lo).unsqueeze(-1)  # partial blocks left of the full run
-    partial = torch.where(i < before, lo.unsqueeze(-1) + i, full_hi.unsqueeze(-1) + i - before)
-    full = full_lo.unsqueeze(-1) + i
+    before = full_lo - lo  # partial blocks left of the full run
+    num, full_num = before + (hi - full_hi), full_hi - full_lo
+    widths = (width, width)
+    if not torch.compiler.is_compiling():
+        widths = (max(int(num.max()), 1), max(int(full_num.max()), 1))
 
-    def as_index(x: Tensor) -> Tensor:
-        return x.clamp(0, n_other - 1).to(torch.int32).contiguous()
+    def listed(start: Tensor, jump_at: Tensor, jump_to: Tensor, width: int) -> Tensor:
+        i = torch.arange(width, device=lo.device)
+        at = start.unsqueeze(-1) + i
+        after = jump_to.unsqueeze(-1) + i - jump_at.unsqueeze(-1)
+        index = torch.where(i < jump_at.unsqueeze(-1), at, after)
+        return index.clamp(0, n_other - 1).to(torch.int32).contiguous()
 
-    num = (full_lo - lo) + (hi - full_hi)
     return (
         num.to(torch.int32).contiguous(),
-        as_index(partial),
-        (full_hi - full_lo).to(torch.int32).contiguous(),
-        as_index(full),
+        listed(lo, before, full_hi, widths[0]),
+        full_num.to(torch.int32).contiguous(),
+        listed(full_lo, full_num, full_lo + full_num, widths[1]),
     )
 
 
@@ -74,13 +79,14 @@ def block_mask_from_spans(
     widths: tuple[int, int],
 ) -> BlockMask:
     """Build a ``BlockMask`` from the spans of each query block (``rows``) and of each key
-    block (``cols``, the transpose). ``widths`` bound how many blocks one query (key) block
-    touches on the other axis."""
+    block (``cols``, the transpose). Under compilation, ``widths`` bound how many blocks one
+    query (key) block touches on the other axis."""
     n_q, n_kv = cdiv(seq_lengths[0], block_size), cdiv(seq_lengths[1], block_size)
-    if n_q * n_kv <= _DENSE_LAYOUT_PAIRS:
-        widths = (n_kv, n_q)
-    kv = _ordered(rows, n_kv, min(widths[0], n_kv))
-    q = _ordered(cols, n_q, min(widths[1], n_q))
+    dense = n_q * n_kv <= _DENSE_LAYOUT_PAIRS
+    kv = _ordered(rows, n_kv, n_kv if dense else min(widths[0], n_kv))
+    q = _ordered(cols, n_q, n_q if dense else min(widths[1], n_q))
+    if dense:  # torch's layout: every index row lists all blocks
+        kv, q = _widen(kv, n_kv), _widen(q, n_q)
     return BlockMask(
         seq_lengths=seq_lengths,
         kv_num_blocks=kv[0],
@@ -94,6 +100,20 @@ def block_mask_from_spans(
         BLOCK_SIZE=(block_size, block_size),
         mask_mod=mask_mod,
     )
+
+
+def _widen(ordered: tuple[Tensor, Tensor, Tensor, Tensor], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad index rows to ``n`` columns with the blocks not listed, as ``create_block_mask``."""
+
+    def pad(num: Tensor, index: Tensor) -> Tensor:
+        listed = torch.arange(index.shape[-1], device=index.device) < num.unsqueeze(-1)
+        seen = torch.zeros((*index.shape[:-1], n + 1), dtype=torch.bool, device=index.device)
+        seen.scatter_(-1, torch.where(listed, index.long(), n), True)
+        rest = torch.argsort(seen[..., :n].to(torch.int8), dim=-1, stable=True)  # unlisted first
+        return torch.cat([index, rest], -1)[..., :n].to(torch.int32).contiguous()
+
+    num, index, full_num, full_index = ordered
+    return num, pad(num, index), full_num, pad(full_num, full_index)
 
 
 def union_spans(

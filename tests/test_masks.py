@@ -1,0 +1,133 @@
+"""The one-line flex mask and the analytic block masks."""
+
+from __future__ import annotations
+
+import torch
+from conftest import Case, assert_within_budget, cases
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from dilattn import dilated_mask_mod, flex_mask
+from dilattn._blocks import block_mask_from_spans, prefix_spans
+from dilattn.reference import dilated_attention_reference, multiplicity
+
+
+@given(case=cases(), block_size=st.sampled_from([4, 8, 128]))
+def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
+    (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
+    m = flex_mask(
+        case.segment_lengths, case.dilation_rates, q_len=case.q_len, kv_len=case.kv_len,
+        num_heads=case.q_heads, is_causal=case.is_causal, head_offsets=case.head_offsets,  # type: ignore[arg-type]
+        block_size=block_size,
+    )
+    gqa = case.q_heads != case.kv_heads
+    out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=gqa)
+    args = (case.segment_lengths, case.dilation_rates)
+    truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
+    assert_within_budget(out, dilated_attention_reference(q, k, v, *args, **case.kwargs), truth)
+
+
+def _dense(num: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
+    """Expand ``(num_blocks, indices)`` rows into a dense bool block matrix."""
+    listed = torch.arange(indices.shape[-1]) < num.unsqueeze(-1)
+    target = torch.where(listed, indices.long(), cols)
+    dense = torch.zeros(*num.shape, cols + 1, dtype=torch.bool)
+    return dense.scatter_(-1, target, True)[..., :cols]
+
+
+def _blocks_of(mask: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(touched, full)`` per block pair of an element mask ``(B, H, Sq, Skv)``, over all heads;
+    entries past the sequence ends do not exist (flex masks them itself)."""
+    B, H, Sq, Skv = mask.shape
+    nq, nk = -(-Sq // bs), -(-Skv // bs)
+    padded = torch.zeros(B, H, nq * bs, nk * bs, dtype=torch.bool)
+    real = padded.clone()
+    padded[..., :Sq, :Skv] = mask
+    real[..., :Sq, :Skv] = True
+    blocks = padded.view(B, H, nq, bs, nk, bs)
+    touched = blocks.any(5).any(3).any(1)
+    full = (blocks | ~real.view(B, H, nq, bs, nk, bs)).all(5).all(3).all(1)
+    return touched, full
+
+
+def _check_block_mask(bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full: bool, tight_touched: bool) -> None:
+    nq, nk = bm.kv_num_blocks.shape[-1], bm.q_num_blocks.shape[-1]
+    partial = _dense(bm.kv_num_blocks, bm.kv_indices, nk)[:, 0]
+    full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[:, 0]
+    true_touched, true_full = _blocks_of(mask, bs)
+    assert not (partial & full).any(), "a block is both partial and full"
+    assert not (true_touched & ~(partial | full)).any(), "a visible entry lies in a skipped block"
+    assert not (full & ~true_full).any(), "a block marked full has masked entries"
+    if tight_touched:
+        assert torch.equal(partial | full, true_touched.expand_as(full))
+    if tight_full:
+        assert torch.equal(full, true_full.expand_as(full))
+    # the backward pass reads the transpose: it must be exactly the transpose
+    q_partial = _dense(bm.q_num_blocks, bm.q_indices, nq)[:, 0]
+    q_full = _dense(bm.full_q_num_blocks, bm.full_q_indices, nq)[:, 0]
+    assert torch.equal(q_partial, partial.transpose(-1, -2))
+    assert torch.equal(q_full, full.transpose(-1, -2))
+
+
+@given(case=cases(max_len=80, max_segment=40), block_size=st.sampled_from([2, 4, 8, 16]))
+def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
+    args = (case.segment_lengths, case.dilation_rates)
+    m = flex_mask(
+        *args, q_len=case.q_len, kv_len=case.kv_len, num_heads=case.q_heads,
+        is_causal=case.is_causal, head_offsets=case.head_offsets, block_size=block_size,  # type: ignore[arg-type]
+    )
+    visible = multiplicity(
+        *args, num_heads=case.q_heads, q_len=case.q_len, kv_len=case.kv_len,
+        is_causal=case.is_causal, head_offsets=case.head_offsets,  # type: ignore[arg-type]
+    ) > 0
+    only_rate_one = set(case.dilation_rates) == {1}
+    _check_block_mask(
+        m.block_mask, visible[None], block_size,
+        tight_touched=only_rate_one,
+        tight_full=only_rate_one and len(case.dilation_rates) == 1 and not case.is_causal,
+    )
+
+
+@given(
+    counts=st.lists(st.lists(st.integers(0, 40), min_size=3, max_size=3), min_size=1, max_size=3),
+    length=st.integers(1, 40),
+    block_size=st.sampled_from([2, 4, 8]),
+    is_causal=st.booleans(),
+)
+def test_prefix_block_mask_is_sound_and_tight(counts, length, block_size, is_causal) -> None:
+    count = torch.tensor(counts).clamp(max=length)  # (B, H): keys [0, count) are visible
+    rows, cols = prefix_spans(
+        count.amin(1), count.amax(1), length=length, block_size=block_size, is_causal=is_causal
+    )
+    bm = block_mask_from_spans(
+        rows, cols, seq_lengths=(length, length), block_size=block_size,
+        mask_mod=lambda b, h, q, kv: kv < count[b, h], widths=(length, length),
+    )
+    keys = torch.arange(length)
+    visible = (keys < count[..., None, None]).expand(*count.shape, length, length)
+    if is_causal:
+        visible = visible & (keys.view(-1, 1) >= keys)
+    _check_block_mask(bm, visible, block_size, tight_touched=True, tight_full=not is_causal)
+
+
+def test_one_line_mask_stays_small_at_a_million_tokens() -> None:
+    S = 1 << 20
+    m = flex_mask([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], q_len=S, num_heads=12, is_causal=True)
+    bm = m.block_mask
+    assert bm.shape == (1, 1, S, S)
+    index_bytes = sum(
+        x.numel() * x.element_size()
+        for x in (bm.kv_indices, bm.full_kv_indices, bm.q_indices, bm.full_q_indices)
+    )
+    assert index_bytes < 24 * 2**20  # a dense block layout would take 4 x 256 MiB
+    # a query block deep in the sequence touches its whole 32768-token segment, causally
+    row = 3 * 32768 // 128 + 200
+    touched = bm.kv_num_blocks[0, 0, row] + bm.full_kv_num_blocks[0, 0, row]
+    assert touched == 201
+
+
+def test_mods_are_named() -> None:
+    mod = dilated_mask_mod([8, 16], [1, 2], num_heads=2, is_causal=True)
+    assert mod.__name__ == "dilated_causal_w8-16_r1-2"
+    assert flex_mask([8], [2], q_len=16, num_heads=1).score_mod.__name__ == "log_multiplicity_w8_r2"
