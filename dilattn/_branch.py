@@ -30,6 +30,10 @@ from dilattn.merge import merge_by_lse
 Backend = Literal["flex", "math"]
 
 BLOCK_SIZE = 128
+# One compiled flex serves every branch: shapes go dynamic after the first recompile, so it
+# compiles once per (dtype, head counts, head dims, causal). Allow that many variants, and
+# fail loudly past them rather than fall back to eager flex.
+RECOMPILE_LIMIT = 64
 _compiled_flex = torch.compile(flex_attention)
 
 
@@ -143,14 +147,15 @@ def _run_compiled(q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple[Tensor
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        ):
             return _compiled_flex(q, k, v, **kwargs)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
-            "dilattn: compiled FlexAttention hit torch._dynamo.config.recompile_limit "
-            f"({torch._dynamo.config.recompile_limit}); refusing to fall back to eager flex, "
-            "which materialises every score. Raise the limit for this many distinct "
-            "dtypes/head dims/configurations."
+            f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
+            "head counts, head dims, causal); refusing to fall back to eager flex, which "
+            "materialises every score. Raise dilattn._branch.RECOMPILE_LIMIT if you need more."
         ) from error
 
 
