@@ -1,0 +1,27 @@
+"""Sessions that CI and people both use: tests, lint, typecheck."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+TORCH = "torch==2.13.0"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    session.install(TORCH, "-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "dilattn", "tests", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "dilattn", "tests", "examples", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install(TORCH, "-e", ".[test]", "mypy")
+    session.run("mypy")
