@@ -43,7 +43,7 @@ class Spans(NamedTuple):
 def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them,
     index rows ``width`` wide (outside compilation: as wide as the longest row needs)."""
-    lo, hi, full_lo, full_hi = torch.broadcast_tensors(*spans)
+    lo, hi, full_lo, full_hi = torch.broadcast_tensors(*spans)  # type: ignore[no-untyped-call]
     hi = torch.maximum(hi, lo)
     has_full = full_lo < full_hi
     full_lo = torch.where(has_full, full_lo, lo)
@@ -102,7 +102,9 @@ def block_mask_from_spans(
     )
 
 
-def _widen(ordered: tuple[Tensor, Tensor, Tensor, Tensor], n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _widen(
+    ordered: tuple[Tensor, Tensor, Tensor, Tensor], n: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pad index rows to ``n`` columns with the blocks not listed, as ``create_block_mask``."""
 
     def pad(num: Tensor, index: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from einops import rearrange
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from dilattn._blocks import block_mask_from_spans, cdiv, prefix_spans
 from dilattn._softmax import softmax_with_lse
@@ -34,7 +34,7 @@ BLOCK_SIZE = 128
 # compiles once per (dtype, head counts, head dims, causal). Allow that many variants, and
 # fail loudly past them rather than fall back to eager flex.
 RECOMPILE_LIMIT = 64
-_compiled_flex = torch.compile(flex_attention)
+_compiled_flex: Any = torch.compile(flex_attention)
 
 
 class Layout(NamedTuple):
@@ -58,7 +58,13 @@ def _positions(offsets: Tensor, w: int, r: int, segments: int, rows: int) -> tup
 
 
 def layout(
-    w: int, r: int, offsets: tuple[int, ...], group: int, q_len: int, kv_len: int, device: torch.device
+    w: int,
+    r: int,
+    offsets: tuple[int, ...],
+    group: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device,
 ) -> Layout:
     """The compact layout of branch ``(w, r)``; ``group`` query heads share a key/value head."""
     total = max(q_len, kv_len)
@@ -88,7 +94,8 @@ def _cached_layout(*args: Any) -> Layout:
 
 
 def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index`` ``(N, Hc, M)`` of heads ``heads`` of ``x`` ``(B, Hx, S, D)`` -> ``(B*N, Hc, M, D)``."""
+    """Rows ``index`` ``(N, Hc, M)`` of heads ``heads`` of ``x`` ``(B, Hx, S, D)``
+    -> ``(B*N, Hc, M, D)``."""
     rows = x[:, heads.view(1, -1, 1), index]  # (B, N, Hc, M, D)
     return rearrange(rows, "b n h m d -> (b n) h m d")
 
@@ -119,7 +126,10 @@ def _flex_attention(
 ) -> tuple[Tensor, Tensor]:
     """As :func:`_math_attention`, by FlexAttention with an analytic block mask."""
     rows, cols = prefix_spans(
-        kv_count.amin(1), kv_count.amax(1), length=q.shape[2], block_size=BLOCK_SIZE,
+        kv_count.amin(1),
+        kv_count.amax(1),
+        length=q.shape[2],
+        block_size=BLOCK_SIZE,
         is_causal=is_causal,
     )
 
@@ -131,32 +141,45 @@ def _flex_attention(
 
     n = cdiv(q.shape[2], BLOCK_SIZE)
     block_mask = block_mask_from_spans(
-        rows, cols, seq_lengths=(q.shape[2], k.shape[2]), block_size=BLOCK_SIZE,
-        mask_mod=causal_valid if is_causal else valid, widths=(n, n),
+        rows,
+        cols,
+        seq_lengths=(q.shape[2], k.shape[2]),
+        block_size=BLOCK_SIZE,
+        mask_mod=causal_valid if is_causal else valid,
+        widths=(n, n),
     )
-    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": True, "return_aux": AuxRequest(lse=True)}
-    if q.is_cuda:
-        out, aux = _run_compiled(q, k, v, kwargs)
-    else:
-        out, aux = flex_attention(q, k, v, **kwargs)  # eager: forward only on CPU
-    return out, aux.lse
+    return _run_flex(q, k, v, block_mask, scale)
 
 
-def _run_compiled(q: Tensor, k: Tensor, v: Tensor, kwargs: dict) -> tuple[Tensor, object]:
-    """Compiled flex; never the silent eager fallback (it materialises all scores)."""
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, **kwargs)
+def _run_flex(
+    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Flex with lse: compiled on CUDA, never its silent eager fallback (it materialises every
+    score); eager (forward only) on CPU."""
+    run: Any = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        run = _compiled_flex
+    limits = torch._dynamo.config.patch(
+        recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+    )
     try:
-        with torch._dynamo.config.patch(
-            recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
-        ):
-            return _compiled_flex(q, k, v, **kwargs)
+        with limits:
+            out, aux = run(
+                q,
+                k,
+                v,
+                block_mask=block_mask,
+                scale=scale,
+                enable_gqa=True,
+                return_aux=AuxRequest(lse=True),
+            )
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
             "head counts, head dims, causal); refusing to fall back to eager flex, which "
             "materialises every score. Raise dilattn._branch.RECOMPILE_LIMIT if you need more."
         ) from error
+    return out, aux.lse
 
 
 def branch_attention(

@@ -18,8 +18,10 @@ class Shapes(NamedTuple):
     value_dim: int
 
 
-def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, *, enable_gqa: bool) -> Shapes:
-    """Check ``(B, H, S, D)`` query/key/value the way ``F.scaled_dot_product_attention`` reads them."""
+def check_attention_inputs(
+    query: Tensor, key: Tensor, value: Tensor, *, enable_gqa: bool
+) -> Shapes:
+    """Check ``(B, H, S, D)`` query/key/value the way SDPA reads them."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -29,7 +31,8 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, *, enable_
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(
-            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+            "query, key and value must share a dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
         )
     if not (query.device == key.device == value.device):
         raise ValueError(
@@ -41,7 +44,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, *, enable_
     Bv, Hv, Sv, Dv = value.shape
     if not (B == Bk == Bv):
         raise ValueError(f"batch sizes differ: query {B}, key {Bk}, value {Bv}")
-    if D != Dk:
+    if Dk != D:
         raise ValueError(f"query and key head dims differ: {D} and {Dk}")
     if Hk != Hv or Sk != Sv:
         raise ValueError(
@@ -66,7 +69,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, *, enable_
 def default_scale(scale: float | None, head_dim: int) -> float:
     """``scale`` or ``1 / sqrt(head_dim)``, as SDPA does."""
     if scale is None:
-        return head_dim**-0.5
+        return float(head_dim**-0.5)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {scale!r}")
     return float(scale)

@@ -9,11 +9,12 @@ import platform
 import statistics
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,8 @@ Attend = Callable[[Tensor, Tensor, Tensor, "_Case"], Tensor]
 _ZERO_RGB = (36, 36, 36)
 _PALETTE = ((66, 135, 245), (76, 201, 122), (250, 204, 60), (245, 118, 56), (222, 62, 150))
 _TERMINAL_MAX, _PNG_MAX = 256, 4096
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
-    "fp64": torch.float64, "float64": torch.float64,
-}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES |= {str(dtype).removeprefix("torch."): dtype for dtype in _DTYPES.values()}
 _FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -109,7 +107,7 @@ def _info(args: argparse.Namespace, console: Console) -> int:
     table.add_section()
     table.add_row("math (any device, forward+backward)", _yes(True))
     table.add_row("flex eager (CPU: forward only)", _yes(True))
-    table.add_row("flex compiled (CUDA: forward+backward)", _yes(cuda and triton_version is not None))
+    table.add_row("flex compiled (CUDA: forward+backward)", _yes(cuda and bool(triton_version)))
     console.print(table)
     return 0
 
@@ -162,34 +160,37 @@ def _png_rows(counts: Tensor) -> list[bytes]:
 
 def _mask(args: argparse.Namespace, console: Console) -> int:
     """Draw ``m(h, query, key)``: in how many branches each query sees each key."""
-    config = DilatedConfig(tuple(args.segment_lengths), tuple(args.dilation_rates), args.head_offsets)
-    if args.png is None and args.seq_len > _TERMINAL_MAX:
+    seg, rates, S = tuple(args.segment_lengths), tuple(args.dilation_rates), args.seq_len
+    config = DilatedConfig(seg, rates, args.head_offsets)
+    if args.png is None and S > _TERMINAL_MAX:
         raise ValueError(
-            f"--seq-len {args.seq_len} is too long to draw in the terminal (at most "
-            f"{_TERMINAL_MAX}); write an image with --png PATH (up to {_PNG_MAX})"
+            f"--seq-len {S} is too long to draw in the terminal (at most {_TERMINAL_MAX}); "
+            f"write an image with --png PATH (up to {_PNG_MAX})"
         )
-    if args.seq_len > _PNG_MAX:
-        raise ValueError(f"--seq-len must be at most {_PNG_MAX} for --png, got {args.seq_len}")
+    if S > _PNG_MAX:
+        raise ValueError(f"--seq-len must be at most {_PNG_MAX} for --png, got {S}")
     if args.head >= args.heads:
         raise ValueError(f"--head must be below --heads {args.heads}, got {args.head}")
     counts = multiplicity(
-        config.segment_lengths, config.dilation_rates, num_heads=args.heads, q_len=args.seq_len,
-        is_causal=args.causal, head_offsets=config.head_offsets,
+        seg,
+        rates,
+        num_heads=args.heads,
+        q_len=S,
+        is_causal=args.causal,
+        head_offsets=args.head_offsets,
     )[args.head]
-    console.print(
-        Text(
-            f"dilated attention mask: segment lengths {list(config.segment_lengths)}, dilation "
-            f"rates {list(config.dilation_rates)}, S={args.seq_len}, head {args.head} of "
-            f"{args.heads}, {config.head_offsets} offsets{', causal' if args.causal else ''}",
-            style="bold",
-        )
+    causal = ", causal" if args.causal else ""
+    title = (
+        f"dilated attention mask: segment lengths {list(seg)}, dilation rates {list(rates)}, "
+        f"S={S}, head {args.head} of {args.heads}, {args.head_offsets} offsets{causal}"
     )
+    console.print(Text(title, style="bold"))
     console.print(Text("rows: queries, columns: keys", style="dim"))
     if args.png is None:
         console.print(_grid(counts), soft_wrap=True)
     else:
         _write_png(args.png, _png_rows(counts))
-        console.print(f"wrote {args.png}", soft_wrap=True, highlight=False)
+        console.print(f"wrote {args.png}", soft_wrap=True)
     legend = Text("branches seeing the key: ")
     for count in range(len(config.branches) + 1):
         legend.append(_cell(count), style=_style(count))
@@ -203,7 +204,7 @@ def _mask(args: argparse.Namespace, console: Console) -> int:
 
 @dataclass(frozen=True)
 class _Case:
-    """One fixed configuration ``check`` runs every path on."""
+    """One fixed configuration that ``check`` runs every path on."""
 
     name: str
     segments: tuple[int, ...]
@@ -212,6 +213,11 @@ class _Case:
     causal: bool
     heads: int = 2
     kv_heads: int = 2
+
+    def attend(self, fn: Callable[..., object], *qkv: Tensor, **kwargs: Any) -> Tensor:
+        """``fn(q, k, v, segments, rates, ...)`` for this case."""
+        out = fn(*qkv, self.segments, self.rates, is_causal=self.causal, enable_gqa=True, **kwargs)
+        return _tensor(out)
 
 
 @dataclass(frozen=True)
@@ -223,43 +229,42 @@ class _Path:
     attend: Attend
     backward: bool = False
 
+    @property
+    def label(self) -> str:
+        return f"{self.name} {'bwd' if self.backward else 'fwd'}"
+
 
 _CASES = (
     _Case("odd length", (4, 8), (1, 2), 37, causal=False),
     _Case("w % r != 0", (8, 12), (1, 5), 50, causal=True, heads=3, kv_heads=3),
     _Case("GQA 4q/2kv", (8, 16), (1, 2), 40, causal=True, heads=4, kv_heads=2),
     _Case("no r=1 branch", (8, 16), (2, 4), 33, causal=False, heads=4, kv_heads=4),
-    _Case("S < every segment", (64, 128), (1, 2), 23, causal=True),
+    _Case("S < segments", (64, 128), (1, 2), 23, causal=True),
 )
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, case: _Case) -> Tensor:
-    return _tensor(
-        dilated_attention_reference(
-            q, k, v, case.segments, case.rates, is_causal=case.causal, enable_gqa=True
-        )
-    )
+    return case.attend(dilated_attention_reference, q, k, v)
 
 
-def _branch_path(backend: str) -> Attend:
-    def attend(q: Tensor, k: Tensor, v: Tensor, case: _Case) -> Tensor:
-        return _tensor(
-            dilattn.dilated_attention(
-                q, k, v, case.segments, case.rates, is_causal=case.causal, enable_gqa=True,
-                backend="flex" if backend == "flex" else "math",
-            )
-        )
-
-    return attend
+def _branch_path(backend: Literal["flex", "math"]) -> Attend:
+    return lambda q, k, v, case: case.attend(dilattn.dilated_attention, q, k, v, backend=backend)
 
 
 def _one_line_path(flex: Callable[..., object]) -> Attend:
     def attend(q: Tensor, k: Tensor, v: Tensor, case: _Case) -> Tensor:
         m = dilattn.flex_mask(
-            case.segments, case.rates, q_len=case.seq_len, num_heads=case.heads,
-            is_causal=case.causal, block_size=16, device=q.device,
+            case.segments,
+            case.rates,
+            q_len=case.seq_len,
+            num_heads=case.heads,
+            is_causal=case.causal,
+            block_size=16,
+            device=q.device,
         )
-        return _tensor(flex(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=True))
+        return _tensor(
+            flex(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=True)
+        )
 
     return attend
 
@@ -267,43 +272,42 @@ def _one_line_path(flex: Callable[..., object]) -> Attend:
 def _paths(device: torch.device) -> list[_Path]:
     """math in float64 (forward, backward), flex and the one-line mask in float32, and on
     CUDA compiled flex in bfloat16/float16 and the compiled one-line mask in bfloat16."""
+    cuda = device.type == "cuda"
     math, flex = _branch_path("math"), _branch_path("flex")
     paths = [
         _Path("math", torch.float64, math),
         _Path("math", torch.float64, math, backward=True),
-        _Path("flex " + ("compiled" if device.type == "cuda" else "eager"), torch.float32, flex),
-        _Path("flex_mask eager", torch.float32, _one_line_path(flex_attention)),
+        _Path("flex compiled" if cuda else "flex eager", torch.float32, flex),
+        _Path("mask eager", torch.float32, _one_line_path(flex_attention)),
     ]
-    if device.type == "cuda":
+    if cuda:
         compiled = _one_line_path(torch.compile(flex_attention))
         for backward in (False, True):
-            paths += [_Path("flex compiled", dt, flex, backward) for dt in (torch.bfloat16, torch.float16)]
-            paths.append(_Path("flex_mask compiled", torch.bfloat16, compiled, backward))
+            paths.append(_Path("flex compiled", torch.bfloat16, flex, backward))
+            paths.append(_Path("flex compiled", torch.float16, flex, backward))
+            paths.append(_Path("mask compiled", torch.bfloat16, compiled, backward))
     return paths
-
-
-def _outputs(
-    attend: Attend, case: _Case, inputs: Sequence[Tensor], grad: Tensor, dtype: torch.dtype,
-    backward: bool,
-) -> list[Tensor]:
-    """The output of ``attend`` on ``inputs`` cast to ``dtype``, or the gradients of q, k, v."""
-    q, k, v = (x.detach().to(dtype).requires_grad_(backward) for x in inputs)
-    out = attend(q, k, v, case)
-    return list(torch.autograd.grad(out, (q, k, v), grad.to(dtype))) if backward else [out]
 
 
 def _max_error(got: list[Tensor], want: list[Tensor]) -> float:
     """The largest absolute difference; NaN if any value is NaN."""
-    return float(torch.stack([(g.double() - w).abs().max() for g, w in zip(got, want, strict=True)]).max())
+    errors = [(g.double() - w).abs().max() for g, w in zip(got, want, strict=True)]
+    return float(torch.stack(errors).max())
 
 
-def _check_one(case: _Case, path: _Path, inputs: Sequence[Tensor], grad: Tensor) -> tuple[float, float, str]:
+def _check_one(case: _Case, path: _Path, inputs: Sequence[Tensor]) -> tuple[float, float, str]:
     """``(error, budget, failure)`` of ``path`` against the float64 reference.
 
-    The budget is 2x (4x for gradients) the error of the reference run in the path's dtype,
-    plus a floor per dtype; both see the same inputs, rounded to that dtype."""
-    rounded = [x.to(path.dtype).double() for x in (*inputs, grad)]
-    run = lambda attend, dtype: _outputs(attend, case, rounded[:3], rounded[3], dtype, path.backward)
+    ``inputs`` are q, k, v and the output gradient. The budget is 2x (4x for gradients) the
+    error of the reference run in the path's dtype plus a floor per dtype; all three see the
+    same inputs, rounded to that dtype."""
+    *qkv, grad = (x.to(path.dtype).double() for x in inputs)
+
+    def run(attend: Attend, dtype: torch.dtype) -> list[Tensor]:
+        q, k, v = (x.to(dtype).requires_grad_(path.backward) for x in qkv)
+        out = attend(q, k, v, case)
+        return list(torch.autograd.grad(out, (q, k, v), grad.to(dtype))) if path.backward else [out]
+
     truth = run(_reference, torch.float64)
     budget = (4 if path.backward else 2) * _max_error(run(_reference, path.dtype), truth)
     budget += _FLOORS[path.dtype]
@@ -319,31 +323,32 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     paths = _paths(device)
     table = Table(title=f"dilattn check on {device.type}")
     for column in ("case", "path", "dtype", "max abs error", "budget", "result"):
-        table.add_column(column, justify="right" if column in ("max abs error", "budget") else "left")
+        table.add_column(column, justify="right" if "e" in column[-1] else "left")
     failures = 0
-    with torch._dynamo.config.patch(recompile_limit=64), Progress(console=console, transient=True) as bar:
+    recompiles = torch._dynamo.config.patch(recompile_limit=64)  # many dtypes and shapes
+    with recompiles, Progress(console=console, transient=True) as bar:
         task = bar.add_task("checking", total=len(_CASES) * len(paths))
         for index, case in enumerate(_CASES):
             generator = torch.Generator(device).manual_seed(args.seed + index)
-            shapes = [(2, h, case.seq_len, 16) for h in (case.heads, case.kv_heads, case.kv_heads, case.heads)]
-            q, k, v, grad = (
-                torch.randn(s, generator=generator, dtype=torch.float64, device=device) for s in shapes
-            )
+            heads = (case.heads, case.kv_heads, case.kv_heads, case.heads)  # q, k, v, grad
+            inputs = [
+                torch.randn(2, h, case.seq_len, 16, generator=generator, device=device)
+                for h in heads
+            ]
             for path in paths:
-                label = f"{path.name} {'bwd' if path.backward else 'fwd'}"
-                bar.update(task, description=f"{case.name}: {label} {_dtype_name(path.dtype)}")
-                error, budget, failure = _check_one(case, path, (q, k, v), grad)
+                dtype = _dtype_name(path.dtype)
+                bar.update(task, description=f"{case.name}: {path.label} {dtype}")
+                error, budget, failure = _check_one(case, path, inputs)
                 passed = error <= budget
                 failures += not passed
-                result = Text("pass", style="green") if passed else Text(failure or "FAIL", style="red")
-                table.add_row(
-                    case.name, label, _dtype_name(path.dtype), f"{error:.2e}", f"{budget:.2e}", result
-                )
+                result = Text("pass", "green") if passed else Text(failure or "FAIL", "red")
+                table.add_row(case.name, path.label, dtype, f"{error:.2e}", f"{budget:.2e}", result)
                 bar.advance(task)
     console.print(table)
     total = len(_CASES) * len(paths)
-    summary = f"{total - failures}/{total} passed"
-    console.print(Text(summary, style="bold red" if failures else "bold green"))
+    console.print(
+        Text(f"{total - failures}/{total} passed", "bold " + ("red" if failures else "green"))
+    )
     return 1 if failures else 0
 
 
@@ -354,10 +359,11 @@ def _time_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
     """Median milliseconds of ``fn`` after warm-up: CUDA events on CUDA, else wall time."""
     for _ in range(3 if cuda else 1):
         fn()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             torch.cuda.synchronize()
             start.record()
             fn()
@@ -378,25 +384,44 @@ def _matmul_tflops(repeats: int) -> float:
 
 
 def _impls(
-    inputs: Sequence[Tensor], config: DilatedConfig, causal: bool,
-    flex: Callable[..., object],
+    inputs: Sequence[Tensor], config: DilatedConfig, causal: bool, flex: Callable[..., object]
 ) -> dict[str, Callable[[], Tensor]]:
     """The timed calls: the fast path, the one-line mask and dense SDPA."""
     q, k, v = inputs
-    seg, rates = config.segment_lengths, config.dilation_rates
-    m = dilattn.flex_mask(seg, rates, q_len=q.shape[2], num_heads=q.shape[1], is_causal=causal, device=q.device)
+    (_, H, S, _), seg, rates = q.shape, config.segment_lengths, config.dilation_rates
+    m = dilattn.flex_mask(seg, rates, q_len=S, num_heads=H, is_causal=causal, device=q.device)
     return {
-        "dilated": lambda: _tensor(dilattn.dilated_attention(q, k, v, seg, rates, is_causal=causal)),
+        "dilated": lambda: _tensor(
+            dilattn.dilated_attention(q, k, v, seg, rates, is_causal=causal)
+        ),
         "flex_mask": lambda: _tensor(flex(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod)),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
 
 
-def _bench_row(
-    name: str, seq_len: int, fn: Callable[[], Tensor], inputs: tuple[Tensor, ...],
-    grad: Tensor | None, flops: float, repeats: int,
+def _row(
+    name: str,
+    S: int,
+    note: str = "",
+    ms: float | None = None,
+    flops: float = 0.0,
+    peak: float | None = None,
 ) -> dict[str, Any]:
-    """Time ``fn`` (and its backward when ``grad`` is given) into one result row."""
+    """One result: TFLOP/s from ``flops`` and ``ms``; ``peak`` in GiB (CUDA only)."""
+    tflops = None if ms is None else flops / ms / 1e9
+    return {"impl": name, "seq_len": S, "ms": ms, "tflops": tflops, "peak_gib": peak, "note": note}
+
+
+def _bench_row(
+    name: str,
+    S: int,
+    fn: Callable[[], Tensor],
+    inputs: Sequence[Tensor],
+    grad: Tensor | None,
+    flops: float,
+    repeats: int,
+) -> dict[str, Any]:
+    """Time ``fn`` (with the backward to ``inputs`` when ``grad`` is given) into one row."""
     cuda = inputs[0].is_cuda
     step = fn if grad is None else lambda: torch.autograd.grad(fn(), inputs, grad)
     if cuda:
@@ -405,52 +430,55 @@ def _bench_row(
     try:
         ms = _time_ms(step, repeats, cuda)
     except torch.OutOfMemoryError:
-        return {"impl": name, "seq_len": seq_len, "ms": None, "tflops": None, "peak_gib": None,
-                "note": "out of memory"}
+        return _row(name, S, "out of memory")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"impl": name, "seq_len": seq_len, "ms": ms, "tflops": flops / ms / 1e9,
-            "peak_gib": peak, "note": ""}
+    return _row(name, S, ms=ms, flops=flops, peak=peak)
+
+
+def _skip(name: str, scores_bytes: int, backward: bool) -> str:
+    """Why eager flex or SDPA cannot run on CPU here, or ``""``."""
+    if name == "flex_mask" and backward:
+        return "skipped: flex has no CPU backward"
+    if name != "dilated" and scores_bytes > 2**31:
+        return "skipped: dense scores need > 2 GiB"
+    return ""
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:
     """Time the fast path, the one-line mask and dense SDPA at a few lengths."""
     device = _device(args.device)
     cuda = device.type == "cuda"
-    config = DilatedConfig(
-        tuple(args.segment_lengths or ((2048, 4096, 8192, 16384, 32768) if cuda else (256, 512))),
-        tuple(args.dilation_rates or ((1, 2, 4, 6, 12) if cuda else (1, 2))),
-    )
+    seg = args.segment_lengths or ((2048, 4096, 8192, 16384, 32768) if cuda else (256, 512))
+    rates = args.dilation_rates or ((1, 2, 4, 6, 12) if cuda else (1, 2))
+    config = DilatedConfig(tuple(seg), tuple(rates))
     seq_lens = args.seq_lens or ([8192, 32768, 131072] if cuda else [1024, 2048])
     B, H, D = args.batch, args.heads or (12 if cuda else 4), args.head_dim
     dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     repeats = args.repeats or (20 if cuda else 3)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
     matmul = _matmul_tflops(repeats) if cuda else None
-    work = 3.5 if args.backward else 1.0  # backward = 2.5 forwards
+    work = 3.5 if args.backward else 1.0  # a backward counts as 2.5 forwards
     rows = []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("benchmarking", total=3 * len(seq_lens))
         for S in seq_lens:
-            inputs = tuple(
+            inputs = [
                 torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=args.backward)
-                for _ in range(3)
-            )
-            grad = torch.randn(B, H, S, D, device=device, dtype=dtype) if args.backward else None
-            dense = 4 * B * H * S * S * D / (2 if args.causal else 1)
+                for _ in "qkv"
+            ]
+            grad = torch.randn_like(inputs[0]) if args.backward else None
             for name, fn in _impls(inputs, config, args.causal, flex).items():
                 bar.update(task, description=f"{name} S={S}")
-                skip = ""
-                if not cuda and name == "flex_mask" and args.backward:
-                    skip = "skipped: flex has no CPU backward"
-                elif not cuda and name != "dilated" and B * H * S * S * 4 > 2**31:
-                    skip = "skipped: dense scores need > 2 GiB"
-                if skip:
-                    rows.append({"impl": name, "seq_len": S, "ms": None, "tflops": None,
-                                 "peak_gib": None, "note": skip})
+                skip = "" if cuda else _skip(name, B * H * S * S * 4, args.backward)
+                if name == "sdpa":
+                    flops = 4 * B * H * S * S * D / (2 if args.causal else 1)
                 else:
-                    flops = dense if name == "sdpa" else config.flops(
+                    flops = config.flops(
                         S, batch_size=B, num_heads=H, head_dim=D, is_causal=args.causal
                     )
+                if skip:
+                    rows.append(_row(name, S, skip))
+                else:
                     rows.append(_bench_row(name, S, fn, inputs, grad, work * flops, repeats))
                 bar.advance(task)
     _bench_table(console, rows, cuda, matmul)
@@ -462,27 +490,36 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
             "matmul_bf16_tflops": matmul,
             "config": {
                 "segment_lengths": list(config.segment_lengths),
-                "dilation_rates": list(config.dilation_rates), "seq_lens": list(seq_lens),
-                "batch": B, "heads": H, "head_dim": D, "causal": args.causal,
-                "backward": args.backward, "repeats": repeats,
+                "dilation_rates": list(config.dilation_rates),
+                "seq_lens": list(seq_lens),
+                "batch": B,
+                "heads": H,
+                "head_dim": D,
+                "causal": args.causal,
+                "backward": args.backward,
+                "repeats": repeats,
             },
         }
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
-        console.print(f"wrote {args.json}", soft_wrap=True, highlight=False)
+        console.print(f"wrote {args.json}", soft_wrap=True)
     return 0
 
 
-def _bench_table(console: Console, rows: list[dict[str, Any]], cuda: bool, matmul: float | None) -> None:
-    caption = "TFLOP/s: useful FLOPs (dilated: sum 4BHSwD/r^2; sdpa: 4BHS^2D), halved when causal"
+def _bench_table(
+    console: Console, rows: list[dict[str, Any]], cuda: bool, matmul: float | None
+) -> None:
+    caption = "TFLOP/s from useful FLOPs, halved when causal"
     if matmul is not None:
-        caption += f"; measured bf16 matmul peak (8192^3): {matmul:.0f} TFLOP/s"
+        caption += f"; bf16 matmul peak (8192^3): {matmul:.0f} TFLOP/s"
     table = Table(title="dilattn bench", caption=caption)
-    for column in ("impl", "S", "ms", "TFLOP/s", *(["peak GiB"] if cuda else []), "note"):
+    columns = ["impl", "S", "ms", "TFLOP/s", *(["peak GiB"] if cuda else []), "note"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("impl", "note") else "right")
-    fmt = lambda x, spec: "-" if x is None else format(x, spec)
     for row in rows:
-        cells = [row["impl"], str(row["seq_len"]), fmt(row["ms"], ".2f"), fmt(row["tflops"], ".2f")]
-        table.add_row(*cells, *([fmt(row["peak_gib"], ".2f")] if cuda else []), row["note"])
+        numbers = [(row["ms"], ".2f"), (row["tflops"], ".3g")]
+        numbers += [(row["peak_gib"], ".2f")] if cuda else []
+        cells = ["-" if x is None else format(x, spec) for x, spec in numbers]
+        table.add_row(row["impl"], str(row["seq_len"]), *cells, row["note"])
     console.print(table)
 
 
@@ -498,24 +535,27 @@ def _parser() -> _Parser:
         sub.add_argument("--segment-lengths", nargs="+", type=_positive, required=required)
         sub.add_argument("--dilation-rates", nargs="+", type=_positive, required=required)
 
+    def device(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
     mask = commands.add_parser("mask", help="draw which keys each query sees")
     branches(mask, required=True)
     mask.add_argument("--seq-len", type=_positive, required=True)
     mask.add_argument("--heads", type=_positive, default=1)
-    mask.add_argument("--head", type=_at_least(0), default=0)
+    mask.add_argument("--head", type=_at_least(0), default=0, help="the head to draw")
     mask.add_argument("--causal", action="store_true")
     mask.add_argument("--head-offsets", choices=("cyclic", "grouped"), default="cyclic")
-    mask.add_argument("--png", type=Path, metavar="PATH")
+    mask.add_argument("--png", type=Path, metavar="PATH", help="write a PNG image instead")
     mask.set_defaults(run=_mask)
 
     check = commands.add_parser("check", help="compare every path with the reference")
-    check.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    device(check)
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(run=_check)
 
     bench = commands.add_parser("bench", help="time dilated attention against dense SDPA")
     branches(bench, required=False)
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    device(bench)
     bench.add_argument("--seq-lens", nargs="+", type=_positive)
     bench.add_argument("--heads", type=_positive)
     bench.add_argument("--head-dim", type=_positive, default=64)
@@ -533,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad arguments)."""
     try:
         args = _parser().parse_args(argv)
-        code: int = args.run(args, Console(highlight=False))
+        with warnings.catch_warnings():  # eager flex on CPU is intended here
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            code: int = args.run(args, Console(highlight=False))
     except (ValueError, TypeError) as error:
         Console(stderr=True).print(Text(f"error: {error}", style="red"), soft_wrap=True)
         return 2

@@ -97,7 +97,12 @@ class DilatedConfig:
         )
 
     def flops(
-        self, seq_len: int, *, batch_size: int = 1, num_heads: int = 1, head_dim: int = 64,
+        self,
+        seq_len: int,
+        *,
+        batch_size: int = 1,
+        num_heads: int = 1,
+        head_dim: int = 64,
         is_causal: bool = False,
     ) -> float:
         """Useful FLOPs of one forward: ``sum_i 4 * B * H * S * min(w_i, S) * D / r_i**2``,

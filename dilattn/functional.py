@@ -27,8 +27,11 @@ def resolve_backend(
         return "flex" if query.is_cuda else "math"
     if backend == "flex" and query.is_cuda and head_dim < 16:
         raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
-    if backend == "flex" and not query.is_cuda and torch.is_grad_enabled() and any(
-        x.requires_grad for x in tensors
+    if (
+        backend == "flex"
+        and not query.is_cuda
+        and torch.is_grad_enabled()
+        and any(x.requires_grad for x in tensors)
     ):
         raise ValueError(
             "backend='flex' is forward-only off CUDA (FlexAttention has no CPU backward); "
@@ -84,7 +87,13 @@ def dilated_attention(
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     chosen = resolve_backend(backend, query, key, value, head_dim=shapes.head_dim)
     out, lse = branch_attention(
-        query, key, value, config.branches, config.offsets(shapes.q_heads),
-        is_causal=is_causal, scale=default_scale(scale, shapes.head_dim), backend=chosen,
+        query,
+        key,
+        value,
+        config.branches,
+        config.offsets(shapes.q_heads),
+        is_causal=is_causal,
+        scale=default_scale(scale, shapes.head_dim),
+        backend=chosen,
     )
     return (out, lse) if return_lse else out

@@ -30,7 +30,9 @@ def _name(config: DilatedConfig, is_causal: bool) -> str:
     return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{grouped}"
 
 
-def _multiplicity_fn(config: DilatedConfig, num_heads: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def _multiplicity_fn(
+    config: DilatedConfig, num_heads: int
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``m(h, q, kv)`` on index tensors: the number of branches in which ``q`` sees ``kv``."""
     grouped = config.head_offsets == "grouped"
     branches = [(w, r, math.ceil(num_heads / r)) for w, r in config.branches]
@@ -39,7 +41,11 @@ def _multiplicity_fn(config: DilatedConfig, num_heads: int) -> Callable[[Tensor,
         total = None
         for w, r, group in branches:
             offset = h // group if grouped else h % r
-            hit = (q_idx // w == kv_idx // w) & ((q_idx % w) % r == offset) & ((kv_idx % w) % r == offset)
+            hit = (
+                (q_idx // w == kv_idx // w)
+                & ((q_idx % w) % r == offset)
+                & ((kv_idx % w) % r == offset)
+            )
             total = hit.to(torch.int32) if total is None else total + hit.to(torch.int32)
         assert total is not None  # a config has at least one branch
         return total
@@ -134,13 +140,26 @@ def flex_mask(
     """
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     kv_len = q_len if kv_len is None else kv_len
-    for name, value in (("q_len", q_len), ("kv_len", kv_len), ("num_heads", num_heads), ("block_size", block_size)):
+    for name, value in (
+        ("q_len", q_len),
+        ("kv_len", kv_len),
+        ("num_heads", num_heads),
+        ("block_size", block_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     dev = as_device(device)
-    common = {"branches": config.branches, "block_size": block_size, "device": dev}
-    rows = union_spans(this_len=q_len, other_len=kv_len, causal_sign=int(is_causal), **common)
-    cols = union_spans(this_len=kv_len, other_len=q_len, causal_sign=-int(is_causal), **common)
+    rows, cols = (
+        union_spans(
+            config.branches,
+            this_len=this,
+            other_len=other,
+            block_size=block_size,
+            causal_sign=sign * int(is_causal),
+            device=dev,
+        )
+        for this, other, sign in ((q_len, kv_len, 1), (kv_len, q_len, -1))
+    )
     width = union_width(config.branches, block_size)
     block_mask = block_mask_from_spans(
         rows,
@@ -148,12 +167,18 @@ def flex_mask(
         seq_lengths=(q_len, kv_len),
         block_size=block_size,
         mask_mod=dilated_mask_mod(
-            config.segment_lengths, config.dilation_rates, num_heads=num_heads,
-            is_causal=is_causal, head_offsets=head_offsets,
+            config.segment_lengths,
+            config.dilation_rates,
+            num_heads=num_heads,
+            is_causal=is_causal,
+            head_offsets=head_offsets,
         ),
         widths=(width, width),
     )
     score_mod = dilated_score_mod(
-        config.segment_lengths, config.dilation_rates, num_heads=num_heads, head_offsets=head_offsets
+        config.segment_lengths,
+        config.dilation_rates,
+        num_heads=num_heads,
+        head_offsets=head_offsets,
     )
     return FlexMask(block_mask, score_mod)

@@ -45,7 +45,9 @@ def merge_by_lse(
                 f"outputs[{i}] has shape {tuple(out.shape)} but lses[{i}] has "
                 f"{tuple(lse.shape)}; expected lse shape {tuple(out.shape[:-1])}"
             )
-    work = torch.float64 if any(x.dtype == torch.float64 for x in (*outputs, *lses)) else torch.float32
+    work = (
+        torch.float64 if any(x.dtype == torch.float64 for x in (*outputs, *lses)) else torch.float32
+    )
     weights, lse = softmax_with_lse(torch.stack([x.to(work) for x in lses]), dim=0)  # (N, ..., S)
     merged = (weights.unsqueeze(-1) * torch.stack([x.to(work) for x in outputs])).sum(0)
     return merged.to(out_dtype or outputs[0].dtype), lse

@@ -45,11 +45,19 @@ class DilatedAttention(nn.Module):
         self.backend: Literal["auto", "flex", "math"] = backend
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        """``(B, H, S_q, D)``, ``(B, H_kv, S_kv, D)``, ``(B, H_kv, S_kv, D_v)`` -> ``(B, H, S_q, D_v)``."""
+        """q ``(B, H, S_q, D)``, k ``(B, H_kv, S_kv, D)``, v ``(B, H_kv, S_kv, D_v)``
+        -> ``(B, H, S_q, D_v)``."""
         out = dilated_attention(
-            query, key, value, self.config.segment_lengths, self.config.dilation_rates,
-            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
-            head_offsets=self.config.head_offsets, backend=self.backend,
+            query,
+            key,
+            value,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
+            head_offsets=self.config.head_offsets,
+            backend=self.backend,
         )
         assert isinstance(out, Tensor)
         return out

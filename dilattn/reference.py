@@ -68,7 +68,8 @@ def multiplicity(
     head_offsets: HeadOffsets = "cyclic",
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """``m(h, p, p')``: in how many branches query ``p`` sees key ``p'``; int64 ``(H, S_q, S_kv)``."""
+    """``m(h, p, p')``: in how many branches query ``p`` sees key ``p'``;
+    int64 ``(H, S_q, S_kv)``."""
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     kv_len = q_len if kv_len is None else kv_len
     masks = [
@@ -78,7 +79,9 @@ def multiplicity(
     return torch.stack(masks).sum(0)
 
 
-def _expand_kv(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor]:
+def _expand_kv(
+    query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
+) -> tuple[Tensor, Tensor]:
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     group = shapes.q_heads // shapes.kv_heads
     return key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
@@ -157,8 +160,14 @@ def dilated_attention_dense(
     with bias ``log m(h, p, p')`` (``-inf`` where ``m = 0``). Arguments and result likewise."""
     key, value = _expand_kv(query, key, value, enable_gqa)
     m = multiplicity(
-        segment_lengths, dilation_rates, num_heads=query.shape[1], q_len=query.shape[-2],
-        kv_len=key.shape[-2], is_causal=is_causal, head_offsets=head_offsets, device=query.device,
+        segment_lengths,
+        dilation_rates,
+        num_heads=query.shape[1],
+        q_len=query.shape[-2],
+        kv_len=key.shape[-2],
+        is_causal=is_causal,
+        head_offsets=head_offsets,
+        device=query.device,
     )
     bias = torch.log(m.to(query.dtype))  # log 0 = -inf masks
     out, lse = _masked_attention(query, key, value, bias, default_scale(scale, query.shape[-1]))

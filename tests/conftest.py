@@ -98,7 +98,9 @@ def cases(
         q_heads=kv_heads * draw(st.sampled_from([1, 2])),
         kv_heads=kv_heads,
         q_len=q_len,
-        kv_len=q_len if same_lengths else draw(st.sampled_from([q_len, draw(st.integers(1, max_len))])),
+        kv_len=q_len
+        if same_lengths
+        else draw(st.sampled_from([q_len, draw(st.integers(1, max_len))])),
         head_dim=draw(st.sampled_from([4, 8])),
         value_dim=draw(st.sampled_from([4, 6])),
         is_causal=draw(st.booleans()) if causal is None else causal,

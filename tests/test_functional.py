@@ -23,8 +23,14 @@ def test_math_backend_matches_reference(case: Case, dtype: torch.dtype) -> None:
     truth, truth_lse = _both(case, q64, k64, v64, return_lse=True)
     baseline, baseline_lse = _both(case, q, k, v, return_lse=True)
     out, lse = dilated_attention(
-        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs,
-        return_lse=True, backend="math",
+        q,
+        k,
+        v,
+        case.segment_lengths,
+        case.dilation_rates,
+        **case.kwargs,
+        return_lse=True,
+        backend="math",
     )
     assert out.dtype == dtype and lse.dtype in (torch.float32, torch.float64)
     assert_within_budget(out, baseline, truth)
@@ -100,8 +106,12 @@ def _qkv(**shapes: tuple[int, ...]) -> list[torch.Tensor]:
     [
         (_qkv(q=(2, 8, 4)), {}, ValueError, "query must have shape"),
         (_qkv(k=(1, 1, 8, 4), v=(1, 1, 8, 4)), {}, ValueError, "enable_gqa=True"),
-        (_qkv(q=(1, 3, 8, 4), k=(1, 2, 8, 4), v=(1, 2, 8, 4)), {"enable_gqa": True}, ValueError,
-         "multiple of key/value heads"),
+        (
+            _qkv(q=(1, 3, 8, 4), k=(1, 2, 8, 4), v=(1, 2, 8, 4)),
+            {"enable_gqa": True},
+            ValueError,
+            "multiple of key/value heads",
+        ),
         (_qkv(k=(2, 2, 8, 4)), {}, ValueError, "batch sizes differ"),
         (_qkv(k=(1, 2, 8, 5)), {}, ValueError, "head dims differ"),
         (_qkv(v=(1, 2, 7, 4)), {}, ValueError, "key and value must agree"),

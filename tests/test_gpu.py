@@ -44,11 +44,21 @@ def test_compiled_flex_forward_and_backward(case: Case, dtype: torch.dtype) -> N
 def test_one_line_mask_compiled(case: Case) -> None:
     (q64, k64, v64), (q, k, v) = case.inputs(torch.bfloat16, device="cuda")
     m = flex_mask(
-        case.segment_lengths, case.dilation_rates, q_len=case.q_len, num_heads=case.q_heads,
-        is_causal=case.is_causal, head_offsets=case.head_offsets, device="cuda",  # type: ignore[arg-type]
+        case.segment_lengths,
+        case.dilation_rates,
+        q_len=case.q_len,
+        num_heads=case.q_heads,
+        is_causal=case.is_causal,
+        head_offsets=case.head_offsets,
+        device="cuda",  # type: ignore[arg-type]
     )
     out = torch.compile(flex_attention)(
-        q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=case.q_heads != case.kv_heads
+        q,
+        k,
+        v,
+        block_mask=m.block_mask,
+        score_mod=m.score_mod,
+        enable_gqa=case.q_heads != case.kv_heads,
     )
     args = (case.segment_lengths, case.dilation_rates)
     truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
@@ -65,7 +75,11 @@ def test_bf16_at_64k_matches_math_backend_forward_and_backward() -> None:
     grad = torch.randn_like(truth)
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     assert rel(out, truth) < 1e-2
-    for g, t in zip(torch.autograd.grad(out, low, grad.bfloat16()), torch.autograd.grad(truth, exact, grad), strict=True):
+    for g, t in zip(
+        torch.autograd.grad(out, low, grad.bfloat16()),
+        torch.autograd.grad(truth, exact, grad),
+        strict=True,
+    ):
         assert rel(g, t) < 2e-2
 
 

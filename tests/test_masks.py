@@ -17,8 +17,13 @@ from dilattn.reference import dilated_attention_reference, multiplicity
 def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
     (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
     m = flex_mask(
-        case.segment_lengths, case.dilation_rates, q_len=case.q_len, kv_len=case.kv_len,
-        num_heads=case.q_heads, is_causal=case.is_causal, head_offsets=case.head_offsets,  # type: ignore[arg-type]
+        case.segment_lengths,
+        case.dilation_rates,
+        q_len=case.q_len,
+        kv_len=case.kv_len,
+        num_heads=case.q_heads,
+        is_causal=case.is_causal,
+        head_offsets=case.head_offsets,  # type: ignore[arg-type]
         block_size=block_size,
     )
     gqa = case.q_heads != case.kv_heads
@@ -51,7 +56,9 @@ def _blocks_of(mask: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]
     return touched, full
 
 
-def _check_block_mask(bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full: bool, tight_touched: bool) -> None:
+def _check_block_mask(
+    bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full: bool, tight_touched: bool
+) -> None:
     nq, nk = bm.kv_num_blocks.shape[-1], bm.q_num_blocks.shape[-1]
     partial = _dense(bm.kv_num_blocks, bm.kv_indices, nk)[:, 0]
     full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[:, 0]
@@ -74,16 +81,30 @@ def _check_block_mask(bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full:
 def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
     args = (case.segment_lengths, case.dilation_rates)
     m = flex_mask(
-        *args, q_len=case.q_len, kv_len=case.kv_len, num_heads=case.q_heads,
-        is_causal=case.is_causal, head_offsets=case.head_offsets, block_size=block_size,  # type: ignore[arg-type]
+        *args,
+        q_len=case.q_len,
+        kv_len=case.kv_len,
+        num_heads=case.q_heads,
+        is_causal=case.is_causal,
+        head_offsets=case.head_offsets,
+        block_size=block_size,  # type: ignore[arg-type]
     )
-    visible = multiplicity(
-        *args, num_heads=case.q_heads, q_len=case.q_len, kv_len=case.kv_len,
-        is_causal=case.is_causal, head_offsets=case.head_offsets,  # type: ignore[arg-type]
-    ) > 0
+    visible = (
+        multiplicity(
+            *args,
+            num_heads=case.q_heads,
+            q_len=case.q_len,
+            kv_len=case.kv_len,
+            is_causal=case.is_causal,
+            head_offsets=case.head_offsets,  # type: ignore[arg-type]
+        )
+        > 0
+    )
     only_rate_one = set(case.dilation_rates) == {1}
     _check_block_mask(
-        m.block_mask, visible[None], block_size,
+        m.block_mask,
+        visible[None],
+        block_size,
         tight_touched=only_rate_one,
         tight_full=only_rate_one and len(case.dilation_rates) == 1 and not case.is_causal,
     )
@@ -101,8 +122,12 @@ def test_prefix_block_mask_is_sound_and_tight(counts, length, block_size, is_cau
         count.amin(1), count.amax(1), length=length, block_size=block_size, is_causal=is_causal
     )
     bm = block_mask_from_spans(
-        rows, cols, seq_lengths=(length, length), block_size=block_size,
-        mask_mod=lambda b, h, q, kv: kv < count[b, h], widths=(length, length),
+        rows,
+        cols,
+        seq_lengths=(length, length),
+        block_size=block_size,
+        mask_mod=lambda b, h, q, kv: kv < count[b, h],
+        widths=(length, length),
     )
     keys = torch.arange(length)
     visible = (keys < count[..., None, None]).expand(*count.shape, length, length)
@@ -113,7 +138,9 @@ def test_prefix_block_mask_is_sound_and_tight(counts, length, block_size, is_cau
 
 def test_one_line_mask_stays_small_at_a_million_tokens() -> None:
     S = 1 << 20
-    m = flex_mask([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], q_len=S, num_heads=12, is_causal=True)
+    m = flex_mask(
+        [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], q_len=S, num_heads=12, is_causal=True
+    )
     bm = m.block_mask
     assert bm.shape == (1, 1, S, S)
     index_bytes = sum(

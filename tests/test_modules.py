@@ -13,7 +13,9 @@ def test_module_equals_functional_and_reference() -> None:
     attn = DilatedAttention([8, 16], [1, 3], is_causal=True)
     out = attn(q, k, v)
     torch.testing.assert_close(out, dilated_attention(q, k, v, [8, 16], [1, 3], is_causal=True))
-    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [8, 16], [1, 3], is_causal=True))
+    torch.testing.assert_close(
+        out, dilated_attention_reference(q, k, v, [8, 16], [1, 3], is_causal=True)
+    )
     assert "segment_lengths=[8, 16]" in repr(attn)
 
 

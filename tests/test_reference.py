@@ -28,7 +28,8 @@ def _brute_force(q, k, v, config: DilatedConfig, is_causal: bool) -> torch.Tenso
                     if (p - start) % r != offsets[h]:
                         continue
                     keys = [
-                        t for t in range(start, min(start + w, k.shape[2]))
+                        t
+                        for t in range(start, min(start + w, k.shape[2]))
                         if (t - start) % r == offsets[h] and (t <= p or not is_causal)
                     ]
                     if not keys:
@@ -38,7 +39,9 @@ def _brute_force(q, k, v, config: DilatedConfig, is_causal: bool) -> torch.Tenso
                     outputs.append((e[:, None] * v[b, h, keys]).sum(0) / e.sum())
                 if denominators:
                     total = sum(denominators)
-                    out[b, h, p] = sum(s / total * o for s, o in zip(denominators, outputs, strict=True))
+                    out[b, h, p] = sum(
+                        s / total * o for s, o in zip(denominators, outputs, strict=True)
+                    )
     return out
 
 
@@ -49,8 +52,16 @@ def test_reference_equals_brute_force_definition(case: Case) -> None:
     config = DilatedConfig(case.segment_lengths, case.dilation_rates, case.head_offsets)  # type: ignore[arg-type]
     kwargs = {"is_causal": case.is_causal, "head_offsets": case.head_offsets}
     expected = _brute_force(q, k, v, config, case.is_causal)
-    torch.testing.assert_close(dilated_attention_reference(q, k, v, config.segment_lengths, config.dilation_rates, **kwargs), expected)
-    torch.testing.assert_close(dilated_attention_dense(q, k, v, config.segment_lengths, config.dilation_rates, **kwargs), expected)
+    torch.testing.assert_close(
+        dilated_attention_reference(
+            q, k, v, config.segment_lengths, config.dilation_rates, **kwargs
+        ),
+        expected,
+    )
+    torch.testing.assert_close(
+        dilated_attention_dense(q, k, v, config.segment_lengths, config.dilation_rates, **kwargs),
+        expected,
+    )
 
 
 def _qkv(S: int = 24, H: int = 2, D: int = 8):
@@ -80,7 +91,9 @@ def test_rate_two_is_strided_subset_attention(is_causal: bool) -> None:
 def test_half_segments_are_block_diagonal_attention() -> None:
     q, k, v = _qkv(S=24)
     out = dilated_attention_reference(q, k, v, [12], [1])
-    halves = [F.scaled_dot_product_attention(*(x[:, :, i : i + 12] for x in (q, k, v))) for i in (0, 12)]
+    halves = [
+        F.scaled_dot_product_attention(*(x[:, :, i : i + 12] for x in (q, k, v))) for i in (0, 12)
+    ]
     torch.testing.assert_close(out, torch.cat(halves, dim=2))
 
 
@@ -99,7 +112,9 @@ def test_multi_head_is_per_head_results_stacked() -> None:
     out = dilated_attention_reference(q, k, v, [10, 20], [1, 4])
     changed = q.clone()
     changed[:, 1:] = torch.randn_like(changed[:, 1:])  # other heads' inputs must not matter
-    torch.testing.assert_close(dilated_attention_reference(changed, k, v, [10, 20], [1, 4])[:, 0], out[:, 0])
+    torch.testing.assert_close(
+        dilated_attention_reference(changed, k, v, [10, 20], [1, 4])[:, 0], out[:, 0]
+    )
     config = DilatedConfig((10, 20), (1, 4))
     torch.testing.assert_close(out, _brute_force(q, k, v, config, is_causal=False))
 
