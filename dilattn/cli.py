@@ -456,6 +456,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     config = DilatedConfig(tuple(seg), tuple(rates))
     seq_lens = args.seq_lens or ([8192, 32768, 131072] if cuda else [1024, 2048])
     B, H, D = args.batch, args.heads or (12 if cuda else 4), args.head_dim
+    if cuda and D < 16:
+        raise ValueError(f"--head-dim must be at least 16 on CUDA (FlexAttention), got {D}")
     dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     repeats = args.repeats or (20 if cuda else 3)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
@@ -532,17 +534,21 @@ def _parser() -> _Parser:
     commands.add_parser("info", help="versions, device and available paths").set_defaults(run=_info)
 
     def branches(sub: argparse.ArgumentParser, required: bool) -> None:
-        sub.add_argument("--segment-lengths", nargs="+", type=_positive, required=required)
-        sub.add_argument("--dilation-rates", nargs="+", type=_positive, required=required)
+        sub.add_argument(
+            "--segment-lengths", nargs="+", type=_positive, metavar="W", required=required
+        )
+        sub.add_argument(
+            "--dilation-rates", nargs="+", type=_positive, metavar="R", required=required
+        )
 
     def device(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
     mask = commands.add_parser("mask", help="draw which keys each query sees")
     branches(mask, required=True)
-    mask.add_argument("--seq-len", type=_positive, required=True)
-    mask.add_argument("--heads", type=_positive, default=1)
-    mask.add_argument("--head", type=_at_least(0), default=0, help="the head to draw")
+    mask.add_argument("--seq-len", type=_positive, metavar="S", required=True)
+    mask.add_argument("--heads", type=_positive, metavar="H", default=1)
+    mask.add_argument("--head", type=_at_least(0), metavar="H", default=0, help="the head to draw")
     mask.add_argument("--causal", action="store_true")
     mask.add_argument("--head-offsets", choices=("cyclic", "grouped"), default="cyclic")
     mask.add_argument("--png", type=Path, metavar="PATH", help="write a PNG image instead")
@@ -556,14 +562,14 @@ def _parser() -> _Parser:
     bench = commands.add_parser("bench", help="time dilated attention against dense SDPA")
     branches(bench, required=False)
     device(bench)
-    bench.add_argument("--seq-lens", nargs="+", type=_positive)
-    bench.add_argument("--heads", type=_positive)
-    bench.add_argument("--head-dim", type=_positive, default=64)
-    bench.add_argument("--batch", type=_positive, default=1)
+    bench.add_argument("--seq-lens", nargs="+", type=_positive, metavar="S")
+    bench.add_argument("--heads", type=_positive, metavar="H")
+    bench.add_argument("--head-dim", type=_positive, metavar="D", default=64)
+    bench.add_argument("--batch", type=_positive, metavar="B", default=1)
     bench.add_argument("--causal", action="store_true")
     bench.add_argument("--dtype", choices=tuple(_DTYPES))
     bench.add_argument("--backward", action="store_true", help="time forward+backward")
-    bench.add_argument("--repeats", type=_positive)
+    bench.add_argument("--repeats", type=_positive, metavar="N")
     bench.add_argument("--json", type=Path, metavar="PATH")
     bench.set_defaults(run=_bench)
     return parser

@@ -24,7 +24,7 @@ def resolve_backend(
     if backend not in ("auto", "flex", "math"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'math', got {backend!r}")
     if backend == "auto":
-        return "flex" if query.is_cuda else "math"
+        backend = "flex" if query.is_cuda else "math"
     if backend == "flex" and query.is_cuda and head_dim < 16:
         raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
     if (

@@ -129,7 +129,8 @@ def flex_mask(
         num_heads: query heads (with GQA, pass ``enable_gqa=True`` to ``flex_attention``).
         is_causal: mask keys after the query.
         head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale).
-        block_size: flex's sparse block size (both axes).
+        block_size: flex's sparse block size (both axes); compiled flex on CUDA needs one
+            that divides 128.
         device: where the block mask lives (the device of q, k, v).
 
     Returns:

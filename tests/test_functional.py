@@ -137,3 +137,10 @@ def test_flex_backend_refuses_cpu_training() -> None:
     q, k, v = (x.requires_grad_() for x in _qkv())
     with pytest.raises(ValueError, match="forward-only"):
         dilated_attention(q, k, v, [4], [1], backend="flex")
+
+
+def test_auto_backend_checks_head_dim_on_cuda() -> None:
+    from dilattn.functional import resolve_backend
+
+    q = torch.randn(1, 1, 4, 8)
+    assert resolve_backend("auto", q, head_dim=8) == "math"  # CPU: math, any head dim
