@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 import dilattn
+from dilattn._branch import RECOMPILE_LIMIT
 from dilattn.config import DilatedConfig
 from dilattn.reference import dilated_attention_reference, multiplicity
 
@@ -328,7 +329,7 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     for column in ("case", "path", "dtype", *numeric, "result"):
         table.add_column(column, justify="right" if column in numeric else "left")
     failures = 0
-    recompiles = torch._dynamo.config.patch(recompile_limit=64)  # many dtypes and shapes
+    recompiles = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # many variants
     with recompiles, Progress(console=console, transient=True) as bar:
         task = bar.add_task("checking", total=len(_CASES) * len(paths))
         for index, case in enumerate(_CASES):
