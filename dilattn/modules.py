@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 from torch import Tensor, nn
 
 from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.functional import dilated_attention
+from dilattn.functional import BackendName, dilated_attention
 
 __all__ = ["DilatedAttention"]
 
@@ -35,14 +34,14 @@ class DilatedAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
         head_offsets: HeadOffsets = "cyclic",
-        backend: Literal["auto", "flex", "math"] = "auto",
+        backend: BackendName = "auto",
     ) -> None:
         super().__init__()
         self.config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
         self.is_causal = is_causal
         self.scale = scale
         self.enable_gqa = enable_gqa
-        self.backend: Literal["auto", "flex", "math"] = backend
+        self.backend: BackendName = backend
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         """q ``(B, H, S_q, D)``, k ``(B, H_kv, S_kv, D)``, v ``(B, H_kv, S_kv, D_v)``

@@ -143,4 +143,4 @@ def test_auto_backend_checks_head_dim_on_cuda() -> None:
     from dilattn.functional import resolve_backend
 
     q = torch.randn(1, 1, 4, 8)
-    assert resolve_backend("auto", q, head_dim=8) == "math"  # CPU: math, any head dim
+    assert resolve_backend("auto", q, q, q) == "math"  # CPU: math, any head dim

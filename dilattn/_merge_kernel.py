@@ -1,0 +1,82 @@
+"""A Triton kernel that merges one call's rows into the result in place, by log-sum-exp.
+
+Each row reads the result's row and lse and the call's row and lse, computes in float32 in
+registers, and writes the result back in its own dtype: one pass over the rows a call
+covers, with no float32 copy of the output. Imported only on CUDA (Triton is not a
+dependency of the CPU wheel).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _merge_kernel(
+    acc,
+    acc_lse,
+    out,
+    out_lse,
+    acc_sx, acc_sy, acc_sm,
+    al_sx, al_sy, al_sm,
+    o_sx, o_sy, o_sm,
+    ol_sx, ol_sy, ol_sm,
+    rows,
+    dim,
+    FIRST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(rows, BLOCK_M)
+    # 64-bit offsets: a million-token tensor has more than 2**31 elements
+    x = tl.program_id(1).to(tl.int64)
+    y = (pid // row_blocks).to(tl.int64)
+    m = ((pid % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = m < rows
+    ok = row_ok[:, None] & (d[None, :] < dim)
+
+    new_lse = tl.load(out_lse + x * ol_sx + y * ol_sy + m * ol_sm, mask=row_ok)
+    o_ptrs = out + x * o_sx + y * o_sy + m[:, None] * o_sm + d[None, :]
+    new = tl.load(o_ptrs, mask=ok, other=0.0).to(tl.float32)
+    acc_ptrs = acc + x * acc_sx + y * acc_sy + m[:, None] * acc_sm + d[None, :]
+    lse_ptrs = acc_lse + x * al_sx + y * al_sy + m * al_sm
+    if not FIRST:
+        old_lse = tl.load(lse_ptrs, mask=row_ok, other=-float("inf"))
+        old = tl.load(acc_ptrs, mask=ok, other=0.0).to(tl.float32)
+        top = tl.maximum(old_lse, new_lse)
+        top = tl.where(top == -float("inf"), 0.0, top)  # both empty: weights 0, no NaN
+        w_old = tl.exp(old_lse - top)
+        w_new = tl.exp(new_lse - top)
+        total = w_old + w_new
+        safe = tl.where(total == 0.0, 1.0, total)
+        new = (old * (w_old / safe)[:, None]) + (new * (w_new / safe)[:, None])
+        new_lse = tl.where(total == 0.0, -float("inf"), top + tl.log(safe))
+    tl.store(acc_ptrs, new.to(acc.dtype.element_ty), mask=ok)
+    tl.store(lse_ptrs, new_lse, mask=row_ok)
+
+
+def merge_rows_(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, first: bool) -> None:
+    """``acc`` ``(X, Y, M, D)``, ``acc_lse`` ``(X, Y, M)`` absorb ``out``/``lse`` (same shapes,
+    any strides, last dim contiguous) in place; ``first`` overwrites them."""
+    X, Y, M, D = acc.shape
+    block_m = 64
+    grid = (triton.cdiv(M, block_m) * Y, X)
+    _merge_kernel[grid](
+        acc,
+        acc_lse,
+        out,
+        lse,
+        *acc.stride()[:3],
+        *acc_lse.stride(),
+        *out.stride()[:3],
+        *lse.stride(),
+        M,
+        D,
+        FIRST=first,
+        BLOCK_M=block_m,
+        BLOCK_D=triton.next_power_of_2(D),
+    )

@@ -1,0 +1,445 @@
+"""The strided path: every branch attends on strided views of q, k and v, with no gather.
+
+Branch ``(w, r)``, the heads with offset ``o``: the rows ``j*w + o + m*r`` of segment ``j``
+are a strided view of q (segment stride ``w``, row stride ``r`` positions), and so are the
+keys and values. SDPA's cuDNN kernel reads all four strides, so each (branch, offset) is
+one call on views of the inputs, exact when ``w % r != 0`` (a call holds only the rows of
+one offset, so every row lies inside its segment). Each call's rows are then merged into
+the output in place by log-sum-exp (a Triton kernel, fp32 in registers; the first
+branch, when its ``r`` is 1, writes instead of merging).
+
+The backward runs cuDNN's backward per call with the merged output and lse, as ring
+attention does: with the global ``out`` and ``lse`` the per-call gradients are exactly the
+gradient of the merged attention, and they add up into ``dq``, ``dk``, ``dv``.
+
+Shape legend: ``B`` batch, ``H`` query heads, ``G`` heads of one call, ``N`` segments of one
+call, ``M`` rows per segment, ``S`` positions, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from dilattn._softmax import softmax_with_lse
+from dilattn.merge import merge_by_lse
+
+__all__ = ["Call", "plan", "strided_attention", "supports"]
+
+aten = torch.ops.aten
+CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of that size)
+
+
+class Heads(NamedTuple):
+    """Heads ``start + i*step`` for ``i < count``."""
+
+    start: int
+    step: int
+    size: int
+
+
+class Rows(NamedTuple):
+    """Positions ``start + n*segment_step + m*step`` for ``n < segments``, ``m < rows``."""
+
+    start: int
+    segment_step: int
+    segments: int
+    step: int
+    rows: int
+
+
+class Call(NamedTuple):
+    """One attention call: dense (causal) attention inside each segment of ``rows``."""
+
+    q_heads: Heads
+    kv_heads: Heads
+    rows: Rows
+    first: bool  # writes its rows instead of merging (the first branch, r = 1)
+
+
+def _progression(values: list[int]) -> Heads | None:
+    step = values[1] - values[0] if len(values) > 1 else 1
+    if step <= 0 or any(b - a != step for a, b in itertools.pairwise(values)):
+        return None
+    return Heads(values[0], step, len(values))
+
+
+def _head_runs(heads: list[int], group: int) -> list[tuple[Heads, Heads]]:
+    """Split query heads into runs whose key/value heads (``h // group``) are a progression
+    that SDPA's grouped-query layout maps correctly (query ``i`` -> key ``i // rep``)."""
+    q_run = _progression(heads)
+    kv = sorted({h // group for h in heads})
+    kv_run = _progression(kv)
+    if q_run is not None and kv_run is not None and len(heads) % len(kv) == 0:
+        rep = len(heads) // len(kv)
+        if all(h // group == kv[i // rep] for i, h in enumerate(heads)):
+            return [(q_run, kv_run)]
+    return [(Heads(h, 1, 1), Heads(h // group, 1, 1)) for h in heads]
+
+
+@functools.lru_cache(maxsize=256)
+def plan(
+    branches: tuple[tuple[int, int], ...],
+    offsets: tuple[tuple[int, ...], ...],
+    group: int,
+    seq_len: int,
+    batch: int = 1,
+) -> tuple[Call, ...]:
+    """The calls that compute every branch over ``seq_len`` positions; ``group`` query heads
+    share a key/value head. Branches run in the given order; the first writes when its
+    ``r`` is 1 (it covers every row once), later ones merge."""
+    calls = []
+    order = sorted(range(len(branches)), key=lambda i: branches[i][1] != 1)  # r = 1 first
+    for index, ((w, r), head_offsets) in enumerate((branches[i], offsets[i]) for i in order):
+        w = min(w, seq_len)
+        full, tail = divmod(seq_len, w)
+        parts = [(0, full, w), (full * w, 1, tail)] if tail else [(0, full, w)]
+        for o in sorted(set(head_offsets)):
+            heads = [h for h, offset in enumerate(head_offsets) if offset == o]
+            for start, segments, length in parts:
+                rows = math.ceil((length - o) / r) if length > o else 0
+                if segments == 0 or rows == 0:
+                    continue
+                for q_heads, kv_heads in _head_runs(heads, group):
+                    # at most CALL_ROWS rows a call: its output is a temporary
+                    chunk = max(1, CALL_ROWS // (batch * q_heads.size * rows))
+                    for first_segment in range(0, segments, chunk):
+                        rows_of = Rows(
+                            start + first_segment * w + o,
+                            w,
+                            min(chunk, segments - first_segment),
+                            r,
+                            rows,
+                        )
+                        calls.append(Call(q_heads, kv_heads, rows_of, index == 0 and r == 1))
+    return tuple(calls)
+
+
+Spec = tuple[tuple[int, ...], tuple[int, ...], int]  # as_strided's size, stride, offset
+Dim = tuple[int, int]  # (size, stride)
+Layout = tuple[tuple[int, ...], tuple[int, ...], bool]  # shape, strides, indexed by kv heads
+
+
+def _join(outer: Dim, inner: Dim) -> Dim | None:
+    """Two adjacent dims as one, when that is a view (no copy); else None."""
+    (a, sa), (b, sb) = outer, inner
+    if a == 1 or b == 1 or sa == b * sb:
+        return (a * b, sb if b > 1 else sa)
+    return None
+
+
+def _spec(dims: list[Dim], offset: int) -> Spec:
+    return tuple(d[0] for d in dims), tuple(d[1] for d in dims), offset
+
+
+def _fold(dims: list[Dim], offset: int, mode: int | None) -> list[Spec] | None:
+    """The view ``(B, G, N, M, *)`` as 4-D ``(batch, heads, M, *)`` views for SDPA: mode 0
+    ``(N, B*G)``, mode 1 ``(B*N, G)``, None one ``(N, G)`` per batch; None where the mode
+    would need a copy."""
+    b, g, n, m, *rest = dims
+    if mode is None:
+        return [_spec([n, g, m, *rest], offset + i * b[1]) for i in range(b[0])]
+    joined = _join(b, g) if mode == 0 else _join(b, n)
+    if joined is None:
+        return None
+    return [_spec([n, joined, m, *rest] if mode == 0 else [joined, g, m, *rest], offset)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _specs(call: Call, layouts: tuple[Layout, ...]) -> tuple[tuple[Spec, ...], ...]:
+    """For one call, per batch piece, the view of each tensor (given as ``(B, H, S, *)``
+    layouts); every tensor folds the same way so that their dims line up."""
+    views = []
+    for shape, stride, by_kv in layouts:
+        heads, rows = call.kv_heads if by_kv else call.q_heads, call.rows
+        sB, sH, sS, *rest = stride
+        dims = [
+            (shape[0], sB),
+            (heads.size, heads.step * sH),
+            (rows.segments, rows.segment_step * sS),
+            (rows.rows, rows.step * sS),
+            *zip(shape[3:], rest, strict=True),
+        ]
+        views.append((dims, heads.start * sH + rows.start * sS))
+    for mode in (0, 1, None):
+        folded = [_fold(dims, offset, mode) for dims, offset in views]
+        if all(f is not None for f in folded):
+            return tuple(zip(*folded, strict=True))  # type: ignore[arg-type]
+    raise AssertionError("unreachable: the per-batch fold is always a view")
+
+
+def _layout(x: Tensor, by_kv: bool) -> Layout:
+    return (tuple(x.shape), tuple(x.stride()), by_kv)
+
+
+def _at(x: Tensor, spec: Spec) -> Tensor:
+    size, stride, offset = spec
+    return x.as_strided(size, stride, x.storage_offset() + offset)
+
+
+def supports(query: Tensor, key: Tensor, value: Tensor) -> str | None:
+    """Why the strided path cannot take these inputs, or None when it can."""
+    if query.shape[2] != key.shape[2]:
+        return "it needs S_q == S_kv"
+    if not query.is_cuda:
+        return None  # matmul kernels: any float dtype and head dim
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"on CUDA it needs float16 or bfloat16, got {query.dtype}"
+    if any(x.stride(-1) != 1 for x in (query, key, value)):
+        return "on CUDA it needs the head dim contiguous (stride 1)"
+    if max(query.shape[-1], value.shape[-1]) > 128 or query.shape[-1] % 8 or value.shape[-1] % 8:
+        return "on CUDA it needs head dims that are multiples of 8, at most 128"
+    return None
+
+
+def _new_out(query: Tensor, value: Tensor) -> Tensor:
+    """The output ``(B, H, S, Dv)``, laid out like the query (no transpose needed after)."""
+    if query.shape[-1] == value.shape[-1]:
+        return torch.empty_like(query)
+    return query.new_empty((*query.shape[:3], value.shape[-1]))
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention with lse on ``(X, G, M, D)`` views: ``(X, G, M, Dv)`` and ``(X, G, M)``
+    float32 (cuDNN on CUDA; matmul and softmax elsewhere)."""
+    if q.is_cuda:
+        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )
+        return out, lse.view(out.shape[:3])
+    probs, lse = softmax_with_lse(_scores(q, k, is_causal, scale), dim=-1)
+    return (probs @ _expand(v, q).to(probs.dtype)).to(q.dtype), lse
+
+
+def _sdpa_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one call given the MERGED ``out`` and ``lse`` of its rows (``lse``
+    ``(X, G, M)`` float32): ``P = exp(s - lse)``, ``dS = P * (grad @ v^T - rowsum(grad * out))``."""
+    if q.is_cuda:
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            grad,
+            q,
+            k,
+            v,
+            out,
+            lse.unsqueeze(-1),
+            None,
+            None,
+            None,
+            None,
+            None,
+            q.shape[2],
+            k.shape[2],
+            0.0,
+            is_causal,
+            scale=scale,
+        )
+        return dq, dk, dv
+    work = _work_dtype(q)
+    probs = torch.exp(_scores(q, k, is_causal, scale) - lse.to(work).unsqueeze(-1))
+    grad_w, out_w = grad.to(work), out.to(work)
+    d_probs = grad_w @ _expand(v, q).to(work).transpose(-1, -2)
+    d_scores = probs * (d_probs - (grad_w * out_w).sum(-1, keepdim=True)) * scale
+    dq = d_scores @ _expand(k, q).to(work)
+    dk = _reduce(d_scores.transpose(-1, -2) @ q.to(work), k)
+    dv = _reduce(probs.transpose(-1, -2) @ grad_w, k)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _expand(kv: Tensor, q: Tensor) -> Tensor:
+    """Key/value heads repeated to the query heads (SDPA's grouped-query layout)."""
+    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+
+
+def _reduce(grad: Tensor, kv: Tensor) -> Tensor:
+    """Sum a gradient over the query heads that share each key/value head."""
+    return grad.unflatten(1, (kv.shape[1], -1)).sum(2)
+
+
+def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tensor:
+    work = _work_dtype(q)
+    scores = q.to(work) @ _expand(k, q).to(work).transpose(-1, -2) * scale
+    if is_causal:
+        rows = torch.arange(q.shape[2], device=q.device)
+        scores = scores.masked_fill(rows.view(-1, 1) < rows, -torch.inf)
+    return scores
+
+
+def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, first: bool) -> None:
+    """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
+    one call's ``out``/``lse`` by log-sum-exp, in place (``first``: overwrite)."""
+    if acc.is_cuda:
+        from dilattn._merge_kernel import merge_rows_
+
+        merge_rows_(acc, acc_lse, out, lse, first)
+    elif first:
+        acc.copy_(out)
+        acc_lse.copy_(lse)
+    else:
+        merged, merged_lse = merge_by_lse([acc, out], [acc_lse, lse])
+        acc.copy_(merged)
+        acc_lse.copy_(merged_lse)
+
+
+def _forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    calls: tuple[Call, ...],
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    out = _new_out(query, value)
+    lse = query.new_empty(query.shape[:3], dtype=_work_dtype(query))
+    if not calls or not calls[0].first:  # rows no branch covers stay 0 with lse -inf
+        out.zero_()
+        lse.fill_(-torch.inf)
+    tensors = (query, key, value, out, lse)
+    layouts = tuple(_layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
+    for call in calls:
+        for specs in _specs(call, layouts):
+            q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
+            _merge_rows(o, l, *_sdpa(q, k, v, is_causal, scale), call.first)
+    return out, lse
+
+
+def _backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    calls: tuple[Call, ...],
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = [torch.zeros_like(x) for x in (query, key, value)]
+    tensors = (grad_out, query, key, value, out, lse, *grads)
+    layouts = tuple(_layout(x, by_kv=i in (2, 3, 7, 8)) for i, x in enumerate(tensors))
+    for call in calls:
+        for specs in _specs(call, layouts):
+            g, q, k, v, o, l, dq, dk, dv = (
+                _at(x, spec) for x, spec in zip(tensors, specs, strict=True)
+            )
+            pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
+            for target, piece in zip((dq, dk, dv), pieces, strict=True):
+                target.add_(piece)
+    return grads[0], grads[1], grads[2]
+
+
+def _unpack(
+    branches: list[int], offsets: list[int], query: Tensor, key: Tensor
+) -> tuple[Call, ...]:
+    """The plan, from the custom ops' flat arguments."""
+    batch, heads, seq_len = query.shape[:3]
+    pairs = tuple(zip(branches[::2], branches[1::2], strict=True))
+    table = tuple(tuple(offsets[i * heads : (i + 1) * heads]) for i in range(len(pairs)))
+    return plan(pairs, table, heads // key.shape[1], seq_len, batch)
+
+
+@torch.library.custom_op("dilattn::strided_attention", mutates_args=())
+def _strided_op(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    branches: list[int],
+    offsets: list[int],
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    calls = _unpack(branches, offsets, query, key)
+    return _forward(query, key, value, calls, is_causal, scale)
+
+
+@_strided_op.register_fake
+def _(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    return _new_out(query, value), query.new_empty(query.shape[:3], dtype=_work_dtype(query))
+
+
+@torch.library.custom_op("dilattn::strided_attention_backward", mutates_args=())
+def _strided_backward_op(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    branches: list[int],
+    offsets: list[int],
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    calls = _unpack(branches, offsets, query, key)
+    return _backward(grad_out, query, key, value, out, lse, calls, is_causal, scale)
+
+
+@_strided_backward_op.register_fake
+def _(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    query, key, value, branches, offsets, is_causal, scale = inputs
+    ctx.save_for_backward(query, key, value, *output)
+    ctx.mark_non_differentiable(output[1])  # the lse: functional refuses to return it with grads
+    ctx.args = (branches, offsets, is_causal, scale)
+
+
+def _backward_rule(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+    query, key, value, out, lse = ctx.saved_tensors
+    grads = _strided_backward_op(
+        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        *ctx.args,
+    )
+    return (*grads, None, None, None, None)
+
+
+_strided_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def strided_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    branches: tuple[tuple[int, int], ...],
+    offsets: tuple[tuple[int, ...], ...],
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Dilated attention by the strided path: ``(B, H, S, Dv)`` and lse ``(B, H, S)``."""
+    out, lse = _strided_op(
+        query,
+        key,
+        value,
+        [x for pair in branches for x in pair],
+        [o for row in offsets for o in row],
+        is_causal,
+        scale,
+    )
+    return out, lse
