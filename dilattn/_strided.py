@@ -36,11 +36,13 @@ CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of t
 
 
 class Heads(NamedTuple):
-    """Heads ``start + i*step`` for ``i < count``."""
+    """Heads ``start + i*step`` for ``i < size``; head ``i``'s rows start ``i*shift``
+    positions later (``shift`` 1: one head per offset, all offsets in one call)."""
 
     start: int
     step: int
     size: int
+    shift: int = 0
 
 
 class Rows(NamedTuple):
@@ -62,11 +64,11 @@ class Call(NamedTuple):
     first: bool  # writes its rows instead of merging (the first branch, r = 1)
 
 
-def _progression(values: list[int]) -> Heads | None:
+def _progression(values: list[int], shift: int = 0) -> Heads | None:
     step = values[1] - values[0] if len(values) > 1 else 1
     if step <= 0 or any(b - a != step for a, b in itertools.pairwise(values)):
         return None
-    return Heads(values[0], step, len(values))
+    return Heads(values[0], step, len(values), shift)
 
 
 def _head_runs(heads: list[int], group: int) -> list[tuple[Heads, Heads]]:
@@ -82,6 +84,50 @@ def _head_runs(heads: list[int], group: int) -> list[tuple[Heads, Heads]]:
     return [(Heads(h, 1, 1), Heads(h // group, 1, 1)) for h in heads]
 
 
+Part = tuple[int, int, int]  # first position, segments, segment length
+
+
+def _rows(length: int, o: int, r: int) -> int:
+    """Rows of offset ``o`` in a segment of ``length`` positions."""
+    return math.ceil((length - o) / r) if length > o else 0
+
+
+def _by_offset(
+    head_offsets: tuple[int, ...], r: int, group: int, parts: list[Part]
+) -> list[tuple[Heads, Heads, int, Part, int]]:
+    """Calls as (q heads, kv heads, offset, part, rows): one per offset (and head run)."""
+    calls = []
+    for o in sorted(set(head_offsets) - {-1}):
+        heads = [h for h, offset in enumerate(head_offsets) if offset == o]
+        for part in parts:
+            if (rows := _rows(part[2], o, r)) > 0:
+                calls += [(qh, kvh, o, part, rows) for qh, kvh in _head_runs(heads, group)]
+    return calls
+
+
+def _by_slot(
+    head_offsets: tuple[int, ...], r: int, group: int, parts: list[Part]
+) -> list[tuple[Heads, Heads, int, Part, int]] | None:
+    """Calls that hold one head of each offset (``shift`` 1), offsets with equal rows
+    together; None unless every offset has as many heads, in one progression per slot."""
+    offsets = sorted(set(head_offsets) - {-1})
+    heads = [[h for h, offset in enumerate(head_offsets) if offset == o] for o in offsets]
+    if group != 1 or offsets != list(range(len(offsets))) or len({len(x) for x in heads}) != 1:
+        return None
+    calls = []
+    for slot in zip(*heads, strict=True):
+        if (run := _progression(list(slot), shift=1)) is None:
+            return None
+        for part in parts:
+            counts = [_rows(part[2], o, r) for o in offsets]
+            for rows, same in itertools.groupby(zip(offsets, counts, strict=True), lambda x: x[1]):
+                o, *rest = (offset for offset, _ in same)
+                if rows > 0:
+                    heads_of = run._replace(start=run.start + o * run.step, size=1 + len(rest))
+                    calls.append((heads_of, heads_of, o, part, rows))
+    return calls
+
+
 @functools.lru_cache(maxsize=256)
 def plan(
     branches: tuple[tuple[int, int], ...],
@@ -91,32 +137,26 @@ def plan(
     batch: int = 1,
 ) -> tuple[Call, ...]:
     """The calls that compute every branch over ``seq_len`` positions; ``group`` query heads
-    share a key/value head. Branches run in the given order; the first writes when its
-    ``r`` is 1 (it covers every row once), later ones merge."""
+    share a key/value head; offset -1: the head skips the branch. Per branch, the fewer of:
+    one call per offset, or one call per slot (a head of each offset). The first branch
+    writes when it covers every row once, later ones merge."""
     calls = []
     order = sorted(range(len(branches)), key=lambda i: branches[i][1] != 1)  # r = 1 first
     for index, ((w, r), head_offsets) in enumerate((branches[i], offsets[i]) for i in order):
         w = min(w, seq_len)
         full, tail = divmod(seq_len, w)
         parts = [(0, full, w), (full * w, 1, tail)] if tail else [(0, full, w)]
-        for o in sorted(set(head_offsets)):
-            heads = [h for h, offset in enumerate(head_offsets) if offset == o]
-            for start, segments, length in parts:
-                rows = math.ceil((length - o) / r) if length > o else 0
-                if segments == 0 or rows == 0:
-                    continue
-                for q_heads, kv_heads in _head_runs(heads, group):
-                    # at most CALL_ROWS rows a call: its output is a temporary
-                    chunk = max(1, CALL_ROWS // (batch * q_heads.size * rows))
-                    for first_segment in range(0, segments, chunk):
-                        rows_of = Rows(
-                            start + first_segment * w + o,
-                            w,
-                            min(chunk, segments - first_segment),
-                            r,
-                            rows,
-                        )
-                        calls.append(Call(q_heads, kv_heads, rows_of, index == 0 and r == 1))
+        by_offset = _by_offset(head_offsets, r, group, parts)
+        by_slot = _by_slot(head_offsets, r, group, parts)
+        chosen = by_offset if by_slot is None or len(by_slot) >= len(by_offset) else by_slot
+        # a first branch with r = 1 computed by every head in one run covers each row once
+        writes = index == 0 and r == 1 and all(c[0].size == len(head_offsets) for c in chosen)
+        for q_heads, kv_heads, o, (start, segments, _), rows in chosen:
+            # at most CALL_ROWS rows a call: its output is a temporary
+            chunk = max(1, CALL_ROWS // (batch * q_heads.size * rows))
+            for first in range(0, segments, chunk):
+                rows_of = Rows(start + first * w + o, w, min(chunk, segments - first), r, rows)
+                calls.append(Call(q_heads, kv_heads, rows_of, writes))
     return tuple(calls)
 
 
@@ -160,7 +200,7 @@ def _specs(call: Call, layouts: tuple[Layout, ...]) -> tuple[tuple[Spec, ...], .
         sB, sH, sS, *rest = stride
         dims = [
             (shape[0], sB),
-            (heads.size, heads.step * sH),
+            (heads.size, heads.step * sH + heads.shift * sS),
             (rows.segments, rows.segment_step * sS),
             (rows.rows, rows.step * sS),
             *zip(shape[3:], rest, strict=True),
@@ -331,7 +371,8 @@ def _backward(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = [torch.zeros_like(x) for x in (query, key, value)]
+    writes = bool(calls) and calls[0].first  # the first branch's calls give every row once
+    grads = [(torch.empty_like if writes else torch.zeros_like)(x) for x in (query, key, value)]
     tensors = (grad_out, query, key, value, out, lse, *grads)
     layouts = tuple(_layout(x, by_kv=i in (2, 3, 7, 8)) for i, x in enumerate(tensors))
     for call in calls:
@@ -341,7 +382,7 @@ def _backward(
             )
             pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
             for target, piece in zip((dq, dk, dv), pieces, strict=True):
-                target.add_(piece)
+                target.copy_(piece) if call.first else target.add_(piece)
     return grads[0], grads[1], grads[2]
 
 

@@ -10,12 +10,16 @@ from typing import Literal
 
 __all__ = ["DilatedConfig", "HeadOffsets"]
 
-HeadOffsets = Literal["cyclic", "grouped"]
+HeadOffsets = Literal["cyclic", "grouped", "split"]
 """How head ``h`` of ``H`` picks its offset in a branch of rate ``r``.
 
 * ``"cyclic"``: ``h % r``, the paper's ``s_h = h mod r`` (default).
 * ``"grouped"``: ``h // ceil(H / r)``, contiguous head groups, as Microsoft's torchscale
   LongNet does; use it to load its checkpoints.
+* ``"split"``: each head computes ONE branch, with offset ``h % r``: the heads are split
+  into as many contiguous groups as there are branches (the first ``H % n`` groups one
+  head larger), as ``dilated-attention-pytorch`` does. A row a head's branch skips gets 0.
+  Runs on the strided backend.
 """
 
 
@@ -73,9 +77,9 @@ class DilatedConfig:
                     f"each dilation rate must be at most its segment length, got rate {r} "
                     f"for segment length {w}"
                 )
-        if self.head_offsets not in ("cyclic", "grouped"):
+        if self.head_offsets not in ("cyclic", "grouped", "split"):
             raise ValueError(
-                f"head_offsets must be 'cyclic' or 'grouped', got {self.head_offsets!r}"
+                f"head_offsets must be 'cyclic', 'grouped' or 'split', got {self.head_offsets!r}"
             )
         object.__setattr__(self, "segment_lengths", segments)
         object.__setattr__(self, "dilation_rates", rates)
@@ -86,9 +90,18 @@ class DilatedConfig:
         return tuple(zip(self.segment_lengths, self.dilation_rates, strict=True))
 
     def offsets(self, num_heads: int) -> tuple[tuple[int, ...], ...]:
-        """Per branch, the offset of each of ``num_heads`` query heads (``len == num_heads``)."""
+        """Per branch, the offset of each of ``num_heads`` query heads (``len == num_heads``);
+        -1 where a head does not compute the branch (``"split"``)."""
         if num_heads <= 0:
             raise ValueError(f"num_heads must be positive, got {num_heads}")
+        if self.head_offsets == "split":  # -1: the head does not compute the branch
+            n = len(self.branches)
+            sizes = [num_heads // n + (i < num_heads % n) for i in range(n)]
+            owner = [i for i, size in enumerate(sizes) for _ in range(size)]
+            return tuple(
+                tuple(h % r if owner[h] == i else -1 for h in range(num_heads))
+                for i, r in enumerate(self.dilation_rates)
+            )
         if self.head_offsets == "cyclic":
             return tuple(tuple(h % r for h in range(num_heads)) for r in self.dilation_rates)
         return tuple(
@@ -105,10 +118,11 @@ class DilatedConfig:
         head_dim: int = 64,
         is_causal: bool = False,
     ) -> float:
-        """Useful FLOPs of one forward: ``sum_i 4 * B * H * S * min(w_i, S) * D / r_i**2``,
-        halved when causal (design.md, section 2)."""
+        """Useful FLOPs of one forward: ``sum_i 4 * B * H_i * S * min(w_i, S) * D / r_i**2``
+        (``H_i`` the heads that compute branch ``i``), halved when causal (design.md, §2)."""
+        heads = [sum(o >= 0 for o in offsets) for offsets in self.offsets(num_heads)]
         total = sum(
-            4 * batch_size * num_heads * seq_len * min(w, seq_len) * head_dim / r**2
-            for w, r in self.branches
+            4 * batch_size * h * seq_len * min(w, seq_len) * head_dim / r**2
+            for (w, r), h in zip(self.branches, heads, strict=True)
         )
         return total / 2 if is_causal else total

@@ -20,7 +20,13 @@ BackendName = Literal["auto", "strided", "flex", "math"]
 
 
 def resolve_backend(
-    backend: BackendName, query: Tensor, key: Tensor, value: Tensor, *, return_lse: bool = False
+    backend: BackendName,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    return_lse: bool = False,
+    head_offsets: HeadOffsets = "cyclic",
 ) -> Backend | Literal["strided"]:
     """The backend that runs on these inputs: ``"auto"`` is ``"math"`` off CUDA; on CUDA it
     is ``"strided"`` where that applies (fp16/bf16, ``S_q == S_kv``, head dims multiples of 8
@@ -34,6 +40,13 @@ def resolve_backend(
         why_not = "it does not differentiate through the returned lse"
     if backend == "strided" and why_not is not None:
         raise ValueError(f"backend='strided' cannot run here: {why_not}")
+    if head_offsets == "split":
+        if backend not in ("auto", "strided") or why_not is not None:
+            raise ValueError(
+                "head_offsets='split' runs on the strided backend only"
+                + (f", which cannot run here: {why_not}" if why_not else f", got {backend!r}")
+            )
+        return "strided"
     if backend == "auto":
         backend = "math" if not query.is_cuda else "strided" if why_not is None else "flex"
     if backend == "strided":
@@ -97,7 +110,9 @@ def dilated_attention(
     """
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    chosen = resolve_backend(backend, query, key, value, return_lse=return_lse)
+    chosen = resolve_backend(
+        backend, query, key, value, return_lse=return_lse, head_offsets=config.head_offsets
+    )
     if chosen == "strided":
         out, lse = _strided.strided_attention(
             query,

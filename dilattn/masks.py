@@ -26,8 +26,14 @@ __all__ = ["FlexMask", "dilated_mask_mod", "dilated_score_mod", "flex_mask"]
 def _name(config: DilatedConfig, is_causal: bool) -> str:
     w = "-".join(map(str, config.segment_lengths))
     r = "-".join(map(str, config.dilation_rates))
-    grouped = "_grouped" if config.head_offsets == "grouped" else ""
-    return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{grouped}"
+    kind = "" if config.head_offsets == "cyclic" else f"_{config.head_offsets}"
+    return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{kind}"
+
+
+def _owned(offsets: tuple[int, ...]) -> tuple[int, int]:
+    """The heads ``[lo, hi)`` that compute a branch: contiguous, all of them unless "split"."""
+    owned = [h for h, o in enumerate(offsets) if o >= 0]
+    return (owned[0], owned[-1] + 1) if owned else (0, 0)
 
 
 def _multiplicity_fn(
@@ -36,16 +42,19 @@ def _multiplicity_fn(
     """``m(h, q, kv)`` on index tensors: the number of branches in which ``q`` sees ``kv``."""
     grouped = config.head_offsets == "grouped"
     branches = [(w, r, math.ceil(num_heads / r)) for w, r in config.branches]
+    owners = [_owned(offsets) for offsets in config.offsets(num_heads)]
 
     def count(h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         total = None
-        for w, r, group in branches:
+        for (w, r, group), (lo, hi) in zip(branches, owners, strict=True):
             offset = h // group if grouped else h % r
             hit = (
                 (q_idx // w == kv_idx // w)
                 & ((q_idx % w) % r == offset)
                 & ((kv_idx % w) % r == offset)
             )
+            if (lo, hi) != (0, num_heads):
+                hit = hit & (h >= lo) & (h < hi)
             total = hit.to(torch.int32) if total is None else total + hit.to(torch.int32)
         assert total is not None  # a config has at least one branch
         return total
