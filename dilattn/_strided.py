@@ -4,9 +4,10 @@ Branch ``(w, r)``, the heads with offset ``o``: the rows ``j*w + o + m*r`` of se
 are a strided view of q (segment stride ``w``, row stride ``r`` positions), and so are the
 keys and values. SDPA's cuDNN kernel reads all four strides, so each (branch, offset) is
 one call on views of the inputs, exact when ``w % r != 0`` (a call holds only the rows of
-one offset, so every row lies inside its segment). Each call's rows are then merged into
-the output in place by log-sum-exp (a Triton kernel, fp32 in registers; the first
-branch, when its ``r`` is 1, writes instead of merging).
+one offset, so every row lies inside its segment); where it saves calls, one call instead
+holds one head of each offset (head ``i`` starts ``i`` rows later). Each call's rows are
+then merged into the output in place by log-sum-exp (a Triton kernel, fp32 in registers;
+a call whose heads no earlier branch computed writes instead of merging).
 
 The backward runs cuDNN's backward per call with the merged output and lse, as ring
 attention does: with the global ``out`` and ``lse`` the per-call gradients are exactly the
@@ -61,7 +62,13 @@ class Call(NamedTuple):
     q_heads: Heads
     kv_heads: Heads
     rows: Rows
-    first: bool  # writes its rows instead of merging (the first branch, r = 1)
+    writes: bool  # its heads' rows are new: write out/lse/dq instead of merging or adding
+    writes_kv: bool  # likewise for dk/dv (the first branch, r = 1, every head in one call)
+
+
+class Plan(NamedTuple):
+    calls: tuple[Call, ...]
+    zero_fill: bool  # some (head, row) is no writing call's: out, lse and dq start empty
 
 
 def _progression(values: list[int], shift: int = 0) -> Heads | None:
@@ -135,12 +142,12 @@ def plan(
     group: int,
     seq_len: int,
     batch: int = 1,
-) -> tuple[Call, ...]:
+) -> Plan:
     """The calls that compute every branch over ``seq_len`` positions; ``group`` query heads
     share a key/value head; offset -1: the head skips the branch. Per branch, the fewer of:
-    one call per offset, or one call per slot (a head of each offset). The first branch
-    writes when it covers every row once, later ones merge."""
-    calls = []
+    one call per offset, or one call per slot (a head of each offset). A call whose heads no
+    earlier branch computed writes its rows; later ones merge into them."""
+    calls, touched, zero_fill = [], set(), False
     order = sorted(range(len(branches)), key=lambda i: branches[i][1] != 1)  # r = 1 first
     for index, ((w, r), head_offsets) in enumerate((branches[i], offsets[i]) for i in order):
         w = min(w, seq_len)
@@ -149,15 +156,21 @@ def plan(
         by_offset = _by_offset(head_offsets, r, group, parts)
         by_slot = _by_slot(head_offsets, r, group, parts)
         chosen = by_offset if by_slot is None or len(by_slot) >= len(by_offset) else by_slot
-        # a first branch with r = 1 computed by every head in one run covers each row once
-        writes = index == 0 and r == 1 and all(c[0].size == len(head_offsets) for c in chosen)
+        computed = {h for h, o in enumerate(head_offsets) if o >= 0}
+        zero_fill |= r > 1 and bool(computed - touched)  # rows this branch skips stay unset
+        # keys: the first branch, r = 1, every head in one run per call, covers each row once
+        writes_kv = index == 0 and r == 1 and all(c[0].size == len(head_offsets) for c in chosen)
         for q_heads, kv_heads, o, (start, segments, _), rows in chosen:
+            heads = {q_heads.start + i * q_heads.step for i in range(q_heads.size)}
+            writes = not heads & touched
             # at most CALL_ROWS rows a call: its output is a temporary
             chunk = max(1, CALL_ROWS // (batch * q_heads.size * rows))
             for first in range(0, segments, chunk):
                 rows_of = Rows(start + first * w + o, w, min(chunk, segments - first), r, rows)
-                calls.append(Call(q_heads, kv_heads, rows_of, writes))
-    return tuple(calls)
+                calls.append(Call(q_heads, kv_heads, rows_of, writes, writes_kv))
+        touched |= computed
+    zero_fill |= len(touched) < len(offsets[0])  # heads no branch computes give 0
+    return Plan(tuple(calls), zero_fill)
 
 
 Spec = tuple[tuple[int, ...], tuple[int, ...], int]  # as_strided's size, stride, offset
@@ -322,14 +335,26 @@ def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tensor:
     return scores
 
 
-def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, first: bool) -> None:
-    """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
-    one call's ``out``/``lse`` by log-sum-exp, in place (``first``: overwrite)."""
-    if acc.is_cuda:
-        from dilattn._merge_kernel import merge_rows_
+def _add_rows(target: Tensor, piece: Tensor, write: bool) -> None:
+    """``target += piece`` (``write``: ``=``) on a ``(X, G, M, D)`` view of a gradient."""
+    if target.is_cuda:
+        from dilattn._kernels import add_rows_
 
-        merge_rows_(acc, acc_lse, out, lse, first)
-    elif first:
+        add_rows_(target, piece, write)
+    elif write:
+        target.copy_(piece)
+    else:
+        target.add_(piece)
+
+
+def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
+    """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
+    one call's ``out``/``lse`` by log-sum-exp, in place (``write``: overwrite)."""
+    if acc.is_cuda:
+        from dilattn._kernels import merge_rows_
+
+        merge_rows_(acc, acc_lse, out, lse, write)
+    elif write:
         acc.copy_(out)
         acc_lse.copy_(lse)
     else:
@@ -339,24 +364,19 @@ def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, first: b
 
 
 def _forward(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    calls: tuple[Call, ...],
-    is_causal: bool,
-    scale: float,
+    query: Tensor, key: Tensor, value: Tensor, plan: Plan, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
     out = _new_out(query, value)
     lse = query.new_empty(query.shape[:3], dtype=_work_dtype(query))
-    if not calls or not calls[0].first:  # rows no branch covers stay 0 with lse -inf
+    if plan.zero_fill:  # rows no branch covers stay 0 with lse -inf
         out.zero_()
         lse.fill_(-torch.inf)
     tensors = (query, key, value, out, lse)
     layouts = tuple(_layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
-    for call in calls:
+    for call in plan.calls:
         for specs in _specs(call, layouts):
             q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
-            _merge_rows(o, l, *_sdpa(q, k, v, is_causal, scale), call.first)
+            _merge_rows(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
     return out, lse
 
 
@@ -367,28 +387,28 @@ def _backward(
     value: Tensor,
     out: Tensor,
     lse: Tensor,
-    calls: tuple[Call, ...],
+    plan: Plan,
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    writes = bool(calls) and calls[0].first  # the first branch's calls give every row once
-    grads = [(torch.empty_like if writes else torch.zeros_like)(x) for x in (query, key, value)]
-    tensors = (grad_out, query, key, value, out, lse, *grads)
+    writes_kv = bool(plan.calls) and plan.calls[0].writes_kv
+    dq = (torch.zeros_like if plan.zero_fill else torch.empty_like)(query)
+    dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
+    tensors = (grad_out, query, key, value, out, lse, dq, dk, dv)
     layouts = tuple(_layout(x, by_kv=i in (2, 3, 7, 8)) for i, x in enumerate(tensors))
-    for call in calls:
+    for call in plan.calls:
         for specs in _specs(call, layouts):
-            g, q, k, v, o, l, dq, dk, dv = (
+            g, q, k, v, o, l, *targets = (
                 _at(x, spec) for x, spec in zip(tensors, specs, strict=True)
             )
             pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
-            for target, piece in zip((dq, dk, dv), pieces, strict=True):
-                target.copy_(piece) if call.first else target.add_(piece)
-    return grads[0], grads[1], grads[2]
+            writes = (call.writes, call.writes_kv, call.writes_kv)
+            for target, piece, write in zip(targets, pieces, writes, strict=True):
+                _add_rows(target, piece, write)
+    return dq, dk, dv
 
 
-def _unpack(
-    branches: list[int], offsets: list[int], query: Tensor, key: Tensor
-) -> tuple[Call, ...]:
+def _unpack(branches: list[int], offsets: list[int], query: Tensor, key: Tensor) -> Plan:
     """The plan, from the custom ops' flat arguments."""
     batch, heads, seq_len = query.shape[:3]
     pairs = tuple(zip(branches[::2], branches[1::2], strict=True))
@@ -406,8 +426,8 @@ def _strided_op(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    calls = _unpack(branches, offsets, query, key)
-    return _forward(query, key, value, calls, is_causal, scale)
+    plan = _unpack(branches, offsets, query, key)
+    return _forward(query, key, value, plan, is_causal, scale)
 
 
 @_strided_op.register_fake
@@ -428,8 +448,8 @@ def _strided_backward_op(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    calls = _unpack(branches, offsets, query, key)
-    return _backward(grad_out, query, key, value, out, lse, calls, is_causal, scale)
+    plan = _unpack(branches, offsets, query, key)
+    return _backward(grad_out, query, key, value, out, lse, plan, is_causal, scale)
 
 
 @_strided_backward_op.register_fake

@@ -22,13 +22,21 @@ CASES = [
 ]
 
 
+SPLIT = Case((256, 512, 1024, 600), (1, 2, 4, 6), 2, 6, 6, 1500, 1500, 64, 64, True, "split")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_compiled_flex_forward_and_backward(case: Case, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("case", "backend"),
+    [(c, "flex") for c in CASES] + [(c, "strided") for c in (*CASES, SPLIT)],
+    ids=str,
+)
+def test_forward_and_backward(case: Case, backend: str, dtype: torch.dtype) -> None:
+    """Compiled flex (gathered rows) and the strided path (cuDNN on views, Triton merge)."""
     (q64, k64, v64), (q, k, v) = case.inputs(dtype, device="cuda", requires_grad=True)
     args = (case.segment_lengths, case.dilation_rates)
     (qb, kb, vb) = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = dilated_attention(q, k, v, *args, **case.kwargs, backend="flex")
+    out = dilated_attention(q, k, v, *args, **case.kwargs, backend=backend)  # type: ignore[arg-type]
     truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
     baseline = dilated_attention_reference(qb, kb, vb, *args, **case.kwargs)
     assert_within_budget(out, baseline, truth)
@@ -65,13 +73,16 @@ def test_one_line_mask_compiled(case: Case) -> None:
     assert_within_budget(out, dilated_attention_reference(q, k, v, *args, **case.kwargs), truth)
 
 
-def test_bf16_at_64k_matches_math_backend_forward_and_backward() -> None:
-    segments, rates = (2048, 4096, 8192), (1, 2, 4)
+@pytest.mark.parametrize("backend", ["flex", "strided"])
+def test_bf16_at_64k_matches_math_backend_forward_and_backward(backend: str) -> None:
+    segments, rates = (2048, 4096, 8192), (1, 2, 6)
     q, k, v = (torch.randn(1, 4, 65536 + 77, 64, device="cuda") for _ in range(3))
     exact = [x.double().requires_grad_() for x in (q, k, v)]
-    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    # (B, S, H, D) memory for the strided path: views of a model's projections
+    low = [x.bfloat16().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    low = [x.requires_grad_() for x in low]
     truth = dilated_attention(*exact, segments, rates, is_causal=True, backend="math")
-    out = dilated_attention(*low, segments, rates, is_causal=True, backend="flex")
+    out = dilated_attention(*low, segments, rates, is_causal=True, backend=backend)  # type: ignore[arg-type]
     grad = torch.randn_like(truth)
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     assert rel(out, truth) < 1e-2
@@ -88,3 +99,22 @@ def test_changing_lengths_do_not_fall_back_to_eager() -> None:
         q, k, v = (torch.randn(1, 4, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         out = dilated_attention(q, k, v, (1024, 2048, 4096), (1, 2, 4), is_causal=True)
         assert torch.isfinite(out).all()
+
+
+def test_strided_path_compiles_fullgraph_forward_and_backward() -> None:
+    """The strided path is a custom op: torch.compile keeps it whole, with its backward."""
+    q, k, v = (
+        torch.randn(2, 4, 3000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    args = ((512, 1024), (1, 3))
+    compiled = torch.compile(
+        lambda a, b, c: dilated_attention(a, b, c, *args, is_causal=True), fullgraph=True
+    )
+    out = compiled(q, k, v)
+    eager = dilated_attention(q, k, v, *args, is_causal=True)
+    torch.testing.assert_close(out, eager)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    eager_grads = torch.autograd.grad(eager.float().square().sum(), (q, k, v))
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e)

@@ -100,7 +100,7 @@ def test_plan_covers_every_row_of_every_branch_once() -> None:
     """Each (branch, head, position) a head computes lies in exactly one call."""
     config = DilatedConfig((8, 12, 30), (1, 5, 6))
     H, S = 12, 70
-    calls = _strided.plan(config.branches, config.offsets(H), 1, S, 2)
+    calls = _strided.plan(config.branches, config.offsets(H), 1, S, 2).calls
     assert len(calls) < sum(len(set(o)) for o in config.offsets(H)) * 2  # slots merge offsets
     seen: dict[tuple[int, int], int] = {}
     for call in calls:

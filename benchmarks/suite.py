@@ -1,0 +1,369 @@
+"""The whole speed and memory comparison, in one process on one GPU.
+
+    python benchmarks/suite.py --json docs/bench.json          # the full suite (H100: ~6 min)
+    python benchmarks/plot.py docs/bench.json docs/bench.png   # time and memory against S
+
+Studies (``--studies``): ``paper`` (the paper's configuration against dense SDPA, the
+gathered flex path and the one-line mask, forward and forward+backward, up to the longest
+length that fits), ``peer`` (head-for-head against dilated-attention-pytorch 0.2.0),
+``d128`` (H=8, D=128), ``pow2`` (r = 1, 2, 4, 8, 16) and ``lengths`` (20 different lengths
+through a compiled module: compile count, no eager flex). Inputs rotate between several
+sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
+after warm-up; TFLOP/s count useful FLOPs (design.md §2) and are set against the bf16 matmul
+peak measured in the same run. ``--quick`` runs tiny sizes (CPU too) to prove it works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+import dilattn
+from dilattn.config import DilatedConfig
+
+PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+POW2 = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 8, 16))
+ROTATE_BYTES = 8 << 30  # rotate input sets while they take at most this much memory
+STANDIN = Path(__file__).parent / "xformers_standin"
+
+
+@dataclass
+class Setup:
+    """One study's shapes and what to time."""
+
+    seq_lens: Sequence[int]
+    heads: int = 12
+    head_dim: int = 64
+    config: DilatedConfig = field(default_factory=lambda: DilatedConfig(*PAPER))
+    backward: Sequence[bool] = (False, True)
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    dtype: torch.dtype
+    repeats: int
+    quick: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def time_ms(self, fn: Callable[[int], object], sets: int) -> float:
+        """Median ms of ``fn(i)`` (``i`` picks the input set, rotating) after warm-up."""
+        for i in range(3 if self.cuda else 1):
+            fn(i % sets)
+        times = []
+        for i in range(self.repeats):
+            if self.cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                fn(i % sets)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn(i % sets)
+                times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+
+    def peak_ratio(self, fn: Callable[[int], object], io_bytes: int, input_bytes: int) -> float:
+        """Peak memory of one call, inputs included, over the bytes of q, k, v and output."""
+        if not self.cuda:
+            return float("nan")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(0)
+        torch.cuda.synchronize()
+        return (input_bytes + torch.cuda.max_memory_allocated() - before) / io_bytes
+
+
+def _qkv(bench: Bench, B: int, H: int, S: int, D: int, layout: str, grad: bool) -> list[Tensor]:
+    """Fresh q, k, v as ``(B, H, S, D)`` tensors (views of ``(B, S, H, D)`` for "bshd")."""
+    shape = (B, S, H, D) if layout == "bshd" else (B, H, S, D)
+    out = []
+    for _ in range(3):
+        x = torch.randn(shape, device=bench.device, dtype=bench.dtype)
+        x = x.transpose(1, 2) if layout == "bshd" else x
+        out.append(x.requires_grad_(grad))
+    return out
+
+
+def _measure(
+    bench: Bench,
+    study: str,
+    impl: str,
+    S: int,
+    make: Callable[[], list[Tensor]],
+    call: Callable[[list[Tensor]], Tensor],
+    flops: float,
+    backward: bool,
+) -> None:
+    """Time ``call`` forward (or forward+backward) on rotating input sets; add one row."""
+    row: dict[str, Any] = {"study": study, "impl": impl, "seq_len": S, "backward": backward}
+    try:
+        first = make()
+        per_set = sum(x.numel() * x.element_size() for x in first)
+        count = max(1, min(3, ROTATE_BYTES // max(per_set, 1))) if bench.cuda else 1
+        sets = [first] + [make() for _ in range(count - 1)]
+        grads = [torch.randn_like(first[0])] if backward else []
+
+        def step(i: int) -> object:
+            out = call(sets[i])
+            if backward:
+                return torch.autograd.grad(out, sets[i], grads[0])
+            return out
+
+        with torch.no_grad() if not backward else contextlib.nullcontext():
+            ms = bench.time_ms(step, len(sets))
+            del sets[1:]  # memory is measured with one set alive
+            io = per_set + first[0].numel() * first[0].element_size()
+            ratio = bench.peak_ratio(step, io, per_set)
+        work = flops * (3.5 if backward else 1.0)  # a backward counts as 2.5 forwards
+        row.update(ms=ms, tflops=work / ms / 1e9, peak_ratio=ratio, sets=count)
+        row["peak_gib"] = ratio * io / 2**30 if bench.cuda else None
+    except torch.OutOfMemoryError:
+        row["note"] = "out of memory"
+    finally:
+        if bench.cuda:
+            torch.cuda.empty_cache()
+    bench.rows.append(row)
+
+
+def _dilated(
+    config: DilatedConfig, causal: bool, **kwargs: Any
+) -> Callable[[list[Tensor]], Tensor]:
+    seg, rates, offsets = config.segment_lengths, config.dilation_rates, config.head_offsets
+    return lambda qkv: dilattn.dilated_attention(
+        *qkv, seg, rates, is_causal=causal, head_offsets=offsets, **kwargs
+    )  # type: ignore[return-value]
+
+
+def _one_line(
+    bench: Bench, config: DilatedConfig, H: int, S: int
+) -> Callable[[list[Tensor]], Tensor]:
+    seg, rates = config.segment_lengths, config.dilation_rates
+    mask = dilattn.flex_mask(seg, rates, q_len=S, num_heads=H, is_causal=True, device=bench.device)
+    flex = torch.compile(flex_attention, dynamic=False) if bench.cuda else flex_attention
+    return lambda qkv: flex(*qkv, block_mask=mask.block_mask, score_mod=mask.score_mod)
+
+
+def _sdpa(qkv: list[Tensor]) -> Tensor:
+    return F.scaled_dot_product_attention(*qkv, is_causal=True)
+
+
+def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
+    """dilattn (auto: the strided path) against dense SDPA, the gathered flex branch path
+    and the one-line mask; the comparisons stop where they would take too long."""
+    H, D, config = setup.heads, setup.head_dim, setup.config
+    for backward in setup.backward:
+        for S in setup.seq_lens:
+            flops = config.flops(S, num_heads=H, head_dim=D, is_causal=True)
+            dense = 4 * H * S * S * D / 2
+            make = lambda: _qkv(bench, 1, H, S, D, "bhsd", backward)  # noqa: B023
+            impls: list[tuple[str, Callable[[list[Tensor]], Tensor], float]] = [
+                ("dilattn", _dilated(config, True), flops)
+            ]
+            flex_limit, dense_limit = (4096, 4096) if bench.quick else (1 << 17, 1 << 18)
+            small = flex_limit >= S
+            if small and bench.cuda:
+                impls.append(("dilattn-flex", _dilated(config, True, backend="flex"), flops))
+            if small and not backward and (bench.cuda or S <= 2048):
+                impls.append(("one-line-mask", _one_line(bench, config, H, S), flops))
+            if dense_limit >= S:
+                impls.append(("sdpa-dense", _sdpa, dense))
+            for name, call, work in impls:
+                _measure(bench, study, name, S, make, call, work, backward)
+
+
+@contextlib.contextmanager
+def _xformers_standin() -> Iterator[None]:
+    """Serve dilated-attention-pytorch's one xformers call with SDPA (xformers has no build
+    for current torch): ``memory_efficient_attention`` and ``LowerTriangularMask``."""
+    sys.path.insert(0, str(STANDIN))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(STANDIN))
+
+
+def study_peer(bench: Bench, setup: Setup) -> None:
+    """Head-for-head against dilated-attention-pytorch 0.2.0: each head computes ONE branch
+    (``head_offsets="split"``), inputs ``(B, S, H, D)`` as it takes them; speed and memory
+    (its normalisation differs, so the outputs are not compared)."""
+    if importlib.util.find_spec("dilated_attention_pytorch") is None:
+        bench.rows.append(
+            {
+                "study": "peer",
+                "impl": "dilated-attention-pytorch",
+                "note": "not installed: pip install --no-deps dilated-attention-pytorch==0.2.0",
+            }
+        )
+        return
+    with _xformers_standin():
+        from dilated_attention_pytorch.dilated_attention import (  # type: ignore[import-untyped]
+            DilatedAttention,
+        )
+
+    H, D = setup.heads, setup.head_dim
+    config = DilatedConfig(setup.config.segment_lengths, setup.config.dilation_rates, "split")
+    peer = DilatedAttention(list(config.segment_lengths), list(config.dilation_rates))
+    for backward in setup.backward:
+        for S in setup.seq_lens:
+            flops = config.flops(S, num_heads=H, head_dim=D, is_causal=True)
+            make = lambda: _qkv(bench, 1, H, S, D, "bshd", backward)  # noqa: B023
+            theirs = lambda qkv: peer(*(x.transpose(1, 2) for x in qkv), is_causal=True).transpose(
+                1, 2
+            )
+            _measure(bench, "peer", "dilated-attention-pytorch", S, make, theirs, flops, backward)
+            _measure(
+                bench, "peer", "dilattn-split", S, make, _dilated(config, True), flops, backward
+            )
+
+
+def study_lengths(bench: Bench, seq_lens: Sequence[int]) -> None:
+    """A compiled module fed a new length every call: how often it compiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = dilattn.DilatedAttention(
+        *PAPER if not bench.quick else ((64, 128), (1, 2)), is_causal=True
+    )
+    compiled = torch.compile(module)
+    start = time.perf_counter()
+    for S in seq_lens:
+        q, k, v = _qkv(bench, 1, 12, S, 64, "bhsd", False)
+        compiled(q, k, v)
+    bench.rows.append(
+        {
+            "study": "lengths",
+            "impl": "torch.compile(DilatedAttention)",
+            "lengths": list(seq_lens),
+            "frames_compiled": counters["stats"]["unique_graphs"],
+            "seconds": time.perf_counter() - start,
+        }
+    )
+
+
+def _matmul_tflops(bench: Bench) -> float | None:
+    if not bench.cuda:
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / bench.time_ms(lambda i: a @ b, 1) / 1e9
+
+
+def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
+    return "-" if row.get(key) is None else format(row[key], spec)
+
+
+def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> None:
+    caption = "TFLOP/s from useful FLOPs (causal: halved); peak = memory / bytes(q, k, v, out)"
+    if peak:
+        caption += f"; bf16 matmul peak {peak:.0f} TFLOP/s"
+    table = Table(title="dilattn benchmark suite", caption=caption)
+    for column in ("study", "impl", "S", "pass", "ms", "TFLOP/s", "of peak", "peak mem", "note"):
+        table.add_column(column, justify="left" if column in ("study", "impl", "note") else "right")
+    for row in rows:
+        if row["study"] == "lengths":
+            note = f"{row['frames_compiled']} graphs for {len(row['lengths'])} lengths"
+            table.add_row(row["study"], row["impl"], "", "", "", "", "", "", note)
+            continue
+        share = "-" if not peak or row.get("tflops") is None else f"{row['tflops'] / peak:.0%}"
+        table.add_row(
+            row["study"],
+            row["impl"],
+            str(row.get("seq_len", "")),
+            "fwd+bwd" if row.get("backward") else "fwd",
+            _fmt(row, "ms", ".2f"),
+            _fmt(row, "tflops", ".0f"),
+            share,
+            _fmt(row, "peak_ratio", ".2f") + "x",
+            row.get("note", ""),
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--studies", nargs="+", default=["paper", "peer", "d128", "pow2", "lengths"]
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (works on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--max-len", type=int, default=1 << 20, help="longest S of the studies")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    quick, device = args.quick, torch.device(args.device)
+    bench = Bench(
+        device,
+        torch.bfloat16 if device.type == "cuda" else torch.float32,
+        args.repeats or (3 if quick else 10),
+        quick,
+    )
+    console = Console()
+    peak = _matmul_tflops(bench)
+    small = DilatedConfig((64, 128, 256), (1, 2, 6))
+    lens = [512, 1024, 2048] if quick else [1 << p for p in range(13, 21) if 1 << p <= args.max_len]
+    long = lens[-1:]
+    setups = {
+        "paper": Setup(lens, config=small) if quick else Setup(lens),
+        "peer": Setup([1024], config=small) if quick else Setup(long),
+        "d128": Setup(
+            long, heads=8, head_dim=128, config=small if quick else DilatedConfig(*PAPER)
+        ),
+        "pow2": Setup(long, config=small if quick else DilatedConfig(*POW2)),
+    }
+    for study in args.studies:
+        console.print(f"[bold]{study}[/bold]")
+        if study == "lengths":
+            count = 20
+            base = 700 if quick else 20000
+            study_lengths(bench, [base + 997 * i for i in range(count)])
+        elif study == "peer":
+            study_peer(bench, setups[study])
+        elif study in setups:
+            study_paper(bench, setups[study], study)
+        else:
+            parser.error(f"unknown study {study!r}; choose from {sorted([*setups, 'lengths'])}")
+    _table(console, bench.rows, peak)
+    if args.json:
+        header = {
+            "command": " ".join(["python", "benchmarks/suite.py", *(argv or sys.argv[1:])]),
+            "torch": torch.__version__,
+            "triton": getattr(importlib.import_module("triton"), "__version__", None)
+            if importlib.util.find_spec("triton")
+            else None,
+            "device": torch.cuda.get_device_name() if bench.cuda else "CPU",
+            "dtype": str(bench.dtype).removeprefix("torch."),
+            "matmul_bf16_tflops": peak,
+        }
+        args.json.write_text(json.dumps({"header": header, "rows": bench.rows}, indent=1) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
