@@ -174,8 +174,9 @@ def _sdpa(qkv: list[Tensor]) -> Tensor:
 
 
 def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
-    """dilattn (auto: the strided path) against dense SDPA, the gathered flex branch path
-    and the one-line mask; the comparisons stop where they would take too long."""
+    """dilattn (auto: the strided path; eager, and compiled with CUDA graphs up to 64K)
+    against dense SDPA, the gathered flex branch path and the one-line mask; the
+    comparisons stop where they would take too long."""
     H, D, config = setup.heads, setup.head_dim, setup.config
     for backward in setup.backward:
         for S in setup.seq_lens:
@@ -186,9 +187,13 @@ def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
                 ("dilattn", _dilated(config, True), flops)
             ]
             flex_limit, dense_limit = (4096, 4096) if bench.quick else (1 << 17, 1 << 18)
+            graph_limit = 4096 if bench.quick else 1 << 16
             small = flex_limit >= S
             if small and bench.cuda:
                 impls.append(("dilattn-flex", _dilated(config, True, backend="flex"), flops))
+            if S <= graph_limit and bench.cuda:  # CUDA graphs take the launch overhead away
+                graphed = torch.compile(_dilated(config, True), mode="reduce-overhead")
+                impls.append(("dilattn-graphed", graphed, flops))
             if small and not backward and (bench.cuda or S <= 2048):
                 impls.append(("one-line-mask", _one_line(bench, config, H, S), flops))
             if dense_limit >= S:

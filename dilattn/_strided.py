@@ -33,6 +33,7 @@ from dilattn.merge import merge_by_lse
 __all__ = ["Call", "plan", "strided_attention", "supports"]
 
 aten = torch.ops.aten
+CUDNN_MIN_ROWS = 16  # calls with fewer rows per segment run as matmuls
 CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of that size)
 
 
@@ -259,8 +260,8 @@ def _new_out(query: Tensor, value: Tensor) -> Tensor:
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Attention with lse on ``(X, G, M, D)`` views: ``(X, G, M, Dv)`` and ``(X, G, M)``
-    float32 (cuDNN on CUDA; matmul and softmax elsewhere)."""
-    if q.is_cuda:
+    float32 (cuDNN on CUDA; matmul and softmax elsewhere and for tiny calls)."""
+    if _cudnn(q):
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, is_causal, False, scale=scale
         )
@@ -281,7 +282,7 @@ def _sdpa_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one call given the MERGED ``out`` and ``lse`` of its rows (``lse``
     ``(X, G, M)`` float32): ``P = exp(s - lse)``, ``dS = P * (grad @ v^T - rowsum(grad * out))``."""
-    if q.is_cuda:
+    if _cudnn(q):
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             grad,
             q,
@@ -310,6 +311,12 @@ def _sdpa_backward(
     dk = _reduce(d_scores.transpose(-1, -2) @ q.to(work), k)
     dv = _reduce(probs.transpose(-1, -2) @ grad_w, k)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _cudnn(q: Tensor) -> bool:
+    """cuDNN takes CUDA calls of more than one row (it refuses ``s_q = s_kv = 1``); a
+    segment's last few rows are cheaper as matmuls anyway."""
+    return q.is_cuda and q.shape[2] >= CUDNN_MIN_ROWS
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
