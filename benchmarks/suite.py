@@ -6,7 +6,8 @@
 Studies (``--studies``): ``paper`` (the paper's configuration against dense SDPA, the
 gathered flex path and the one-line mask, forward and forward+backward, up to the longest
 length that fits), ``peer`` (head-for-head against dilated-attention-pytorch 0.2.0),
-``d128`` (H=8, D=128), ``pow2`` (r = 1, 2, 4, 8, 16) and ``lengths`` (20 different lengths
+``long`` (forward to 8M tokens, forward+backward to 4M), ``d128`` (H=8, D=128), ``pow2``
+(r = 1, 2, 4, 8, 16) and ``lengths`` (20 different lengths
 through a compiled module: compile count, no eager flex). Inputs rotate between several
 sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
 after warm-up; TFLOP/s count useful FLOPs (design.md §2) and are set against the bf16 matmul
@@ -191,7 +192,7 @@ def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
             small = flex_limit >= S
             if small and bench.cuda:
                 impls.append(("dilattn-flex", _dilated(config, True, backend="flex"), flops))
-            if S <= graph_limit and bench.cuda:  # CUDA graphs take the launch overhead away
+            if graph_limit >= S and bench.cuda:  # CUDA graphs take the launch overhead away
                 graphed = torch.compile(_dilated(config, True), mode="reduce-overhead")
                 impls.append(("dilattn-graphed", graphed, flops))
             if small and not backward and (bench.cuda or S <= 2048):
@@ -310,6 +311,19 @@ def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> 
     console.print(table)
 
 
+def _write_json(path: Path, bench: Bench, peak: float | None, argv: list[str] | None) -> None:
+    triton = importlib.import_module("triton") if importlib.util.find_spec("triton") else None
+    header = {
+        "command": " ".join(["python", "benchmarks/suite.py", *(argv or sys.argv[1:])]),
+        "torch": torch.__version__,
+        "triton": getattr(triton, "__version__", None),
+        "device": torch.cuda.get_device_name() if bench.cuda else "CPU",
+        "dtype": str(bench.dtype).removeprefix("torch."),
+        "matmul_bf16_tflops": peak,
+    }
+    path.write_text(json.dumps({"header": header, "rows": bench.rows}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -349,23 +363,18 @@ def main(argv: list[str] | None = None) -> int:
             study_lengths(bench, [base + 997 * i for i in range(count)])
         elif study == "peer":
             study_peer(bench, setups[study])
+        elif study == "long":  # what one GPU holds: forward to 8M, forward+backward to 4M
+            top = 1 << 11 if quick else 1 << 23
+            study_paper(bench, Setup([top // 4, top // 2, top], backward=[False]), study)
+            study_paper(bench, Setup([top // 4, top // 2], backward=[True]), study)
         elif study in setups:
             study_paper(bench, setups[study], study)
         else:
             parser.error(f"unknown study {study!r}; choose from {sorted([*setups, 'lengths'])}")
+        if args.json:  # after every study, so a cut-off run keeps what it measured
+            _write_json(args.json, bench, peak, argv)
     _table(console, bench.rows, peak)
     if args.json:
-        header = {
-            "command": " ".join(["python", "benchmarks/suite.py", *(argv or sys.argv[1:])]),
-            "torch": torch.__version__,
-            "triton": getattr(importlib.import_module("triton"), "__version__", None)
-            if importlib.util.find_spec("triton")
-            else None,
-            "device": torch.cuda.get_device_name() if bench.cuda else "CPU",
-            "dtype": str(bench.dtype).removeprefix("torch."),
-            "matmul_bf16_tflops": peak,
-        }
-        args.json.write_text(json.dumps({"header": header, "rows": bench.rows}, indent=1) + "\n")
         console.print(f"wrote {args.json}")
     return 0
 
