@@ -327,7 +327,7 @@ def _write_json(path: Path, bench: Bench, peak: float | None, argv: list[str] | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--studies", nargs="+", default=["paper", "peer", "d128", "pow2", "lengths"]
+        "--studies", nargs="+", default=["paper", "long", "peer", "d128", "pow2", "lengths"]
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (works on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
