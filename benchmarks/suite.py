@@ -195,7 +195,7 @@ def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
             if graph_limit >= S and bench.cuda:  # CUDA graphs take the launch overhead away
                 graphed = torch.compile(_dilated(config, True), mode="reduce-overhead")
                 impls.append(("dilattn-graphed", graphed, flops))
-            if small and not backward and (bench.cuda or S <= 2048):
+            if small and not backward and (bench.cuda or S <= 512):
                 impls.append(("one-line-mask", _one_line(bench, config, H, S), flops))
             if dense_limit >= S:
                 impls.append(("sdpa-dense", _sdpa, dense))
@@ -344,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     console = Console()
     peak = _matmul_tflops(bench)
-    small = DilatedConfig((64, 128, 256), (1, 2, 6))
-    lens = [512, 1024, 2048] if quick else [1 << p for p in range(13, 21) if 1 << p <= args.max_len]
+    small = DilatedConfig((64, 128, 256), (1, 2, 6))  # --quick
+    lens = [256, 512] if quick else [1 << p for p in range(13, 21) if 1 << p <= args.max_len]
     long = lens[-1:]
     setups = {
         "paper": Setup(lens, config=small) if quick else Setup(lens),
-        "peer": Setup([1024], config=small) if quick else Setup(long),
+        "peer": Setup([512], config=small) if quick else Setup(long),
         "d128": Setup(
             long, heads=8, head_dim=128, config=small if quick else DilatedConfig(*PAPER)
         ),
