@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from dilattn import _graphs
 from dilattn._softmax import softmax_with_lse
 from dilattn.merge import merge_by_lse
 
@@ -434,7 +435,11 @@ def _strided_op(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    return _forward(query, key, value, plan, is_causal, scale)
+    forward = functools.partial(_forward, plan=plan, is_causal=is_causal, scale=scale)
+    if _graphs.applies(query):
+        out, lse = _graphs.run(("forward", plan, is_causal, scale), forward, query, key, value)
+        return out, lse
+    return forward(query, key, value)
 
 
 @_strided_op.register_fake
@@ -456,7 +461,12 @@ def _strided_backward_op(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    return _backward(grad_out, query, key, value, out, lse, plan, is_causal, scale)
+    backward = functools.partial(_backward, plan=plan, is_causal=is_causal, scale=scale)
+    inputs = (grad_out, query, key, value, out, lse)
+    if _graphs.applies(query):
+        dq, dk, dv = _graphs.run(("backward", plan, is_causal, scale), backward, *inputs)
+        return dq, dk, dv
+    return backward(*inputs)
 
 
 @_strided_backward_op.register_fake
