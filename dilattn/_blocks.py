@@ -39,6 +39,10 @@ class Spans(NamedTuple):
     full_lo: Tensor
     full_hi: Tensor
 
+    def without_full(self) -> Spans:
+        """The same touched blocks, none of them full (so the ``mask_mod`` runs on all)."""
+        return self._replace(full_hi=self.full_lo)
+
 
 def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them,
