@@ -67,9 +67,16 @@ class KVCache:
         self.length = end
         return self.key[:, :, :end], self.value[:, :, :end]
 
-    def reset(self) -> None:
-        """Forget every stored position (the buffers are reused)."""
-        self.length = 0
+    def truncate(self, length: int = 0) -> None:
+        """Forget the positions from ``length`` on (default: all; the buffers are reused), e.g.
+        to undo a step or to start a new sequence."""
+        if (
+            isinstance(length, bool)
+            or not isinstance(length, int)
+            or not 0 <= length <= self.length
+        ):
+            raise ValueError(f"length must be an integer in [0, {self.length}], got {length!r}")
+        self.length = length
 
     def __repr__(self) -> str:
         B, H, capacity, D = self.key.shape

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
@@ -313,26 +314,14 @@ class MultiheadDilatedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q_offset = 0 if kv_cache is None else kv_cache.length
         q, k = self._rotate(q, q_offset, key=False), self._rotate(k, q_offset, key=True)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)
-        out = dilated_attention(
-            q,
-            k,
-            v,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
+        attend = functools.partial(
+            self._attend,
             is_causal=self.is_causal if is_causal is None else is_causal,
-            enable_gqa=H_kv != H,
-            head_offsets=self.config.head_offsets,
-            backend=self.backend,
             key_padding_mask=key_padding_mask,
             document_ids=document_ids,
             cu_seqlens=cu_seqlens,
-            score_mod=self._score_mod(q.device),
-            q_offset=q_offset,
-            dropout_p=self.dropout if self.training else 0.0,
         )
-        assert isinstance(out, Tensor)
+        out = attend(q, k, v) if kv_cache is None else self._decode(attend, q, k, v, kv_cache)
         out = rearrange(out, "b h s d -> b s (h d)")
         if self.norm is not None:
             out = self.norm(out)
@@ -368,6 +357,39 @@ class MultiheadDilatedAttention(nn.Module):
                 f"xPos in {query.dtype} supports positions up to {limit} (its scale grows "
                 f"exponentially), got {last}; use position='rotary' or a larger xpos_scale_base"
             )
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, **kwargs: Any) -> Tensor:
+        """Dilated attention of the heads ``(B, H, S_q, D)``, query row 0 at ``q_offset``."""
+        out = dilated_attention(
+            q,
+            k,
+            v,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+            head_offsets=self.config.head_offsets,
+            backend=self.backend,
+            score_mod=self._score_mod(q.device),
+            q_offset=q_offset,
+            dropout_p=self.dropout if self.training else 0.0,
+            **kwargs,
+        )
+        assert isinstance(out, Tensor)
+        return out
+
+    @staticmethod
+    def _decode(
+        attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, kv_cache: KVCache
+    ) -> Tensor:
+        """``attend`` the new queries to every cached key after storing the new keys and
+        values; a step that fails stores nothing."""
+        start = kv_cache.length
+        keys, values = kv_cache.append(k, v)
+        try:
+            return attend(q, keys, values, q_offset=start)
+        except Exception:
+            kv_cache.truncate(start)
+            raise
 
     def _rotate(self, x: Tensor, start: int, *, key: bool) -> Tensor:
         """``x`` ``(B, H, S, D)`` at positions ``start + [0, S)``, rotated by the position

@@ -167,7 +167,7 @@ def _scores(query: Tensor, key: Tensor, scale: float, extras: _Extras) -> Tensor
     )
     b, h, kv_idx = index
     q_idx = torch.arange(extras.q_offset, extras.q_offset + q_len, device=query.device)
-    return extras.score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx)
+    return extras.score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx).to(scores.dtype)
 
 
 def _masked_softmax(scores: Tensor, bias: Tensor, extras: _Extras) -> tuple[Tensor, Tensor]:
