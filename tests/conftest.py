@@ -131,10 +131,12 @@ class Extras:
     q_offset: int
     seed: int
 
-    def kwargs(self, case: Case, device: str = "cpu") -> dict[str, object]:
+    def kwargs(
+        self, case: Case, device: str = "cpu", learnable: list | None = None
+    ) -> dict[str, object]:
         """The keyword arguments, from fresh random tensors (seeded by ``seed``): padding keys
         with probability 0.3 and sometimes a whole batch row padded; documents of random
-        lengths; a T5 table of unit scale."""
+        lengths; a T5 table of unit scale (appended to ``learnable``)."""
         gen = torch.Generator().manual_seed(self.seed)
         out: dict[str, object] = {"q_offset": self.q_offset}
         length = max(self.q_offset + case.q_len, case.kv_len)
@@ -159,7 +161,10 @@ class Extras:
             )
             with torch.no_grad():
                 t5.bias.normal_(generator=gen)
-            out["score_mod"] = t5.double().to(device).score_mod
+            t5 = t5.double().to(device)
+            out["score_mod"] = t5.score_mod
+            if learnable is not None:
+                learnable.append(t5.bias)
         elif self.score_mod == "wave":
             out["score_mod"] = _wave
         return out
