@@ -8,7 +8,9 @@ from conftest import LOW_DTYPES, Case, assert_within_budget, cases, extras
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dilattn._branch
 from dilattn import dilated_attention
+from dilattn._branch import layout
 from dilattn.reference import dilated_attention_reference
 
 
@@ -155,6 +157,50 @@ def test_rows_that_see_nothing_give_zero_and_finite_gradients(backend: str) -> N
     if backend == "math":
         out.sum().backward()
         assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["math", "flex"])
+@pytest.mark.parametrize("extra", ["key_padding_mask", "document_ids"])
+def test_extras_apply_inside_blocks_that_are_otherwise_full(backend: str, extra: str) -> None:
+    # non-causal, one dense branch: without the extra, every block of keys is fully visible
+    q, k, v = (torch.randn(2, 2, 150, 8, dtype=torch.float64) for _ in range(3))
+    value = torch.rand(2, 150) < 0.3 if extra == "key_padding_mask" else torch.arange(150) // 50
+    kwargs = {extra: value.expand(2, 150)}
+    out = dilated_attention(q, k, v, [150], [1], backend=backend, **kwargs)
+    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [150], [1], **kwargs))
+
+
+@pytest.mark.parametrize("extra", [None, "key_padding_mask", "document_ids"])
+def test_flex_block_masks_have_no_full_blocks_with_extras(monkeypatch, extra) -> None:
+    """Eager flex (CPU) runs the mask_mod everywhere; compiled flex skips it on full blocks,
+    so with padding or documents the branch path must mark none full."""
+    seen = []
+    run = dilattn._branch._run_flex
+    monkeypatch.setattr(
+        dilattn._branch, "_run_flex", lambda *args: seen.append(args[3]) or run(*args)
+    )
+    q, k, v = (torch.randn(1, 2, 150, 8) for _ in range(3))
+    kwargs = (
+        {}
+        if extra is None
+        else {
+            extra: torch.zeros(
+                1, 150, dtype=torch.bool if extra == "key_padding_mask" else torch.long
+            )
+        }
+    )
+    dilated_attention(q, k, v, [150], [1], backend="flex", **kwargs)
+    (block_mask,) = seen
+    assert (block_mask.full_kv_num_blocks.sum() == 0) == (extra is not None)
+    assert (block_mask.full_q_num_blocks.sum() == 0) == (extra is not None)
+
+
+def test_decoding_gathers_only_the_segments_holding_a_query() -> None:
+    lay = layout(
+        64, 4, (0, 1, 2, 3), 1, q_len=1, kv_len=1000, q_offset=999, device=torch.device("cpu")
+    )
+    assert lay.q_index.shape == (1, 4, 16)  # one segment of 64 / 4 rows, not 16 segments
+    assert (lay.kv_index[0, 3] == torch.arange(960 + 3, 1024, 4).clamp(max=999)).all()
 
 
 def test_dropout_drops_each_branch_probabilities_without_bias() -> None:
