@@ -259,25 +259,24 @@ def _run_flex(
     score_mod: _score_mod_signature | None,
 ) -> tuple[Tensor, Tensor]:
     """Flex with lse: compiled on CUDA, never its silent eager fallback (it materialises every
-    score); eager (forward only) on CPU."""
-    run: Any = flex_attention
-    if q.is_cuda and not torch.compiler.is_compiling():
-        run = _compiled_flex
+    score); eager (forward only) on CPU; inside the caller's graph when it is being compiled
+    (``torch.compile(model)``), where no config patch can be traced."""
+    options: dict[str, Any] = {
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": True,
+        "return_aux": AuxRequest(lse=True),
+    }
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        out, aux = flex_attention(q, k, v, **options)
+        return out, aux.lse
     limits = torch._dynamo.config.patch(
         recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
     )
     try:
         with limits:
-            out, aux = run(
-                q,
-                k,
-                v,
-                score_mod=score_mod,
-                block_mask=block_mask,
-                scale=scale,
-                enable_gqa=True,
-                return_aux=AuxRequest(lse=True),
-            )
+            out, aux = _compiled_flex(q, k, v, **options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "

@@ -191,17 +191,20 @@ def module_reference(
     value: torch.Tensor,
     *,
     is_causal: bool,
+    dtype: torch.dtype = torch.float64,
     **kwargs: object,
 ) -> torch.Tensor:
-    """What ``m`` computes, written out by hand in float64 around the dense reference (with
-    ``m``'s own parameters, so gradients reach them)."""
+    """What ``m`` computes, written out by hand in ``dtype`` around the dense reference (with
+    ``m``'s own parameters, so gradients reach them): the float64 truth, or plain PyTorch in
+    a low precision as the baseline of the error budget."""
 
     def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        bias = None if layer.bias is None else layer.bias.double()
-        return F.linear(x.double(), layer.weight.double(), bias)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
     def norm(layer: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], layer.weight.double(), layer.bias.double(), layer.eps)
+        weight, bias = layer.weight.to(dtype), layer.bias.to(dtype)
+        return F.layer_norm(x, x.shape[-1:], weight, bias, layer.eps)
 
     H, H_kv = m.num_heads, m.num_kv_heads
     q = rearrange(linear(m.q_proj, query), "b s (h d) -> b h s d", h=H)
@@ -220,7 +223,7 @@ def module_reference(
     if m.position == "alibi":
         score_mod = alibi_score_mod(H, device=q.device)
     elif m.relative_bias is not None:
-        t5, table = m.relative_bias, m.relative_bias.bias.double()
+        t5, table = m.relative_bias, m.relative_bias.bias.to(dtype)
         score_mod = lambda score, b, h, q_idx, kv_idx: score + table[t5.bucket(kv_idx - q_idx), h]
     out = dilated_attention_reference(
         q,
