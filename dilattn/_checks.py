@@ -93,3 +93,21 @@ def check_score_mod(score_mod: object) -> None:
             "score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, got "
             f"{type(score_mod).__name__}"
         )
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value``, an ``int > 0`` (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def number_in(
+    name: str, value: object, low: float, high: float, *, open_low: bool = False
+) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (low < value if open_low else low <= value) or not value <= high:
+        raise ValueError(f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {value}")
+    return float(value)

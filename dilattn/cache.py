@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dilattn._checks import positive_int
+
 __all__ = ["KVCache"]
 
 
@@ -28,15 +30,15 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        for name, value in (
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("capacity", capacity),
-            ("head_dim", head_dim),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        shape = (batch_size, num_kv_heads, capacity, head_dim)
+        shape = tuple(
+            positive_int(name, value)
+            for name, value in (
+                ("batch_size", batch_size),
+                ("num_kv_heads", num_kv_heads),
+                ("capacity", capacity),
+                ("head_dim", head_dim),
+            )
+        )
         self.key = torch.zeros(shape, device=device, dtype=dtype)
         self.value = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0

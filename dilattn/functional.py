@@ -15,6 +15,7 @@ from dilattn._checks import (
     check_q_offset,
     check_score_mod,
     default_scale,
+    number_in,
 )
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets
@@ -127,10 +128,7 @@ def dilated_attention(
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     check_score_mod(score_mod)
     q_offset = check_q_offset(q_offset)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
-    if not 0 <= dropout_p <= 1:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
     padding, documents = check_variable_lengths(
         key_padding_mask,
         document_ids,
@@ -155,6 +153,6 @@ def dilated_attention(
         backend=chosen,
         q_offset=q_offset,
         mods=PositionMods(visibility_mask_mod(padding, documents), score_mod),
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_p,
     )
     return (out, lse) if return_lse else out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
+from dilattn._checks import number_in, positive_int
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
@@ -97,12 +99,6 @@ class DilatedAttention(nn.Module):
         )
 
 
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated attention: a drop-in for ``nn.MultiheadAttention(batch_first=True)``.
 
@@ -170,13 +166,13 @@ class MultiheadDilatedAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.embed_dim = _positive("embed_dim", embed_dim)
-        self.num_heads = _positive("num_heads", num_heads)
-        self.num_kv_heads = _positive(
+        self.embed_dim = positive_int("embed_dim", embed_dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.num_kv_heads = positive_int(
             "num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads
         )
-        self.kdim = _positive("kdim", embed_dim if kdim is None else kdim)
-        self.vdim = _positive("vdim", embed_dim if vdim is None else vdim)
+        self.kdim = positive_int("kdim", embed_dim if kdim is None else kdim)
+        self.vdim = positive_int("vdim", embed_dim if vdim is None else vdim)
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
@@ -186,18 +182,6 @@ class MultiheadDilatedAttention(nn.Module):
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         self.head_dim = embed_dim // num_heads
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(f"dropout must be a float in [0, 1], got {dropout!r}")
-        if (
-            isinstance(gamma_init, bool)
-            or not isinstance(gamma_init, (int, float))
-            or gamma_init <= 0
-        ):
-            raise ValueError(f"gamma_init must be a positive float, got {gamma_init!r}")
         if position not in (None, "rotary", "xpos", "alibi", "t5"):
             raise ValueError(
                 f"position must be None, 'rotary', 'xpos', 'alibi' or 't5', got {position!r}"
@@ -205,7 +189,8 @@ class MultiheadDilatedAttention(nn.Module):
         if position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(f"position={position!r} needs an even head dim, got {self.head_dim}")
         self.config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
-        self.dropout, self.gamma_init = float(dropout), float(gamma_init)
+        self.dropout = number_in("dropout", dropout, 0.0, 1.0)
+        self.gamma_init = number_in("gamma_init", gamma_init, 0.0, math.inf, open_low=True)
         self.position: Position | None = position
         self.is_causal = is_causal
         self.backend: Literal["auto", "flex", "math"] = backend

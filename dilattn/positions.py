@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
+from dilattn._checks import positive_int
+
 __all__ = ["T5RelativeBias", "alibi_score_mod", "alibi_slopes", "rotary", "xpos", "xpos_limit"]
 
 
@@ -24,9 +26,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
     """ALiBi's head slopes (Press et al., 2022): ``2^(-8 i / H)`` for ``i = 1..H`` when ``H``
     is a power of two; otherwise those of the power of two below, then every other slope of
     the power of two above (the paper's reference code)."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
-    below = 2 ** math.floor(math.log2(num_heads))
+    below = 2 ** math.floor(math.log2(positive_int("num_heads", num_heads)))
     slopes = [2 ** (-8 * i / below) for i in range(1, below + 1)]
     if below == num_heads:
         return slopes
@@ -77,9 +77,8 @@ class T5RelativeBias(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("num_buckets", num_buckets)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int("num_heads", num_heads)
+        positive_int("num_buckets", num_buckets)
         exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
         if exact < 1 or max_distance <= exact:
             raise ValueError(

@@ -299,6 +299,7 @@ def _qkv(**shapes: tuple[int, ...]) -> list[torch.Tensor]:
         (_qkv(), {"q_offset": 1.0}, ValueError, "q_offset must be a non-negative"),
         (_qkv(), {"score_mod": "alibi"}, TypeError, "score_mod must be None or a callable"),
         (_qkv(), {"dropout_p": 1.5}, ValueError, "dropout_p must be in"),
+        (_qkv(), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a number"),
         (_qkv(), {"dropout_p": 0.1, "backend": "flex"}, ValueError, "no attention dropout"),
     ],
 )
