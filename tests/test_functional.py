@@ -40,7 +40,7 @@ def test_math_backend_with_extras_matches_reference(data, case: Case, dtype: tor
     assert_within_budget(lse.to(dtype), baseline_lse, truth_lse)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(
     data=st.data(), case=cases(max_len=40), dtype=st.sampled_from([torch.float64, torch.float32])
 )
@@ -206,7 +206,7 @@ def test_decoding_gathers_only_the_segments_holding_a_query() -> None:
 def test_dropout_drops_each_branch_probabilities_without_bias() -> None:
     torch.manual_seed(0)
     q, k, v = (
-        torch.randn(1, 2, 12, 8, dtype=torch.float64).expand(20000, -1, -1, -1) for _ in range(3)
+        torch.randn(1, 2, 12, 8, dtype=torch.float64).expand(4000, -1, -1, -1) for _ in range(3)
     )
     args = (q, k, v, [4, 12], [1, 2])
     exact = dilated_attention(*args[:3], [4, 12], [1, 2], backend="math")
@@ -216,7 +216,7 @@ def test_dropout_drops_each_branch_probabilities_without_bias() -> None:
     assert torch.equal(first, dilated_attention(*args, backend="math", dropout_p=0.3))
     assert not torch.allclose(first[0], exact[0])
     assert not torch.allclose(first[0], first[1])  # each batch row draws its own mask
-    torch.testing.assert_close(first.mean(0), exact[0], atol=0.03, rtol=0)  # E[out] = out
+    torch.testing.assert_close(first.mean(0), exact[0], atol=0.06, rtol=0)  # E[out] = out
     assert (dilated_attention(*args, backend="math", dropout_p=1.0) == 0).all()
 
 

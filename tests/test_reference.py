@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import Case, cases, extras
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dilattn.config import DilatedConfig
@@ -87,7 +87,6 @@ def test_reference_equals_brute_force_definition(case: Case) -> None:
     )
 
 
-@settings(max_examples=60)
 @given(data=st.data(), case=cases(max_len=12, max_segment=10))
 def test_reference_extras_equal_brute_force_definition(data: st.DataObject, case: Case) -> None:
     """Padding, documents, score mods and q_offset, in both references, by the definition."""
