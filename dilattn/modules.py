@@ -354,7 +354,7 @@ class MultiheadDilatedAttention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
             head_offsets=self.config.head_offsets,
             backend=self.backend,
-            score_mod=self._score_mod(q.device),
+            score_mod=self._score_mod(),
             q_offset=q_offset,
             dropout_p=self.dropout if self.training else 0.0,
             **kwargs,
@@ -386,9 +386,9 @@ class MultiheadDilatedAttention(nn.Module):
             return rotary(x, positions, base=self.rotary_base)
         return xpos(x, positions, key=key, base=self.rotary_base, scale_base=self.xpos_scale_base)
 
-    def _score_mod(self, device: torch.device) -> _score_mod_signature | None:
+    def _score_mod(self) -> _score_mod_signature | None:
         if self.position == "alibi":
-            return alibi_score_mod(self.num_heads, device=device)
+            return alibi_score_mod(self.num_heads)
         if self.relative_bias is not None:
             return self.relative_bias.score_mod
         return None

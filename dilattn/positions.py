@@ -33,18 +33,22 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return slopes + alibi_slopes(2 * below)[0::2][: num_heads - below]
 
 
-def alibi_score_mod(
-    num_heads: int, *, device: torch.device | str | None = None
-) -> _score_mod_signature:
-    """ALiBi as a score mod: ``score - slope[h] * |q_idx - kv_idx|`` (``h`` the query head).
+def alibi_score_mod(num_heads: int) -> _score_mod_signature:
+    """ALiBi as a score mod: ``score - slope[h] * |q_idx - kv_idx|`` (``h`` the query head,
+    slopes of :func:`alibi_slopes`).
 
     Causal attention sees only ``kv_idx <= q_idx``, where this is ALiBi's
-    ``-slope * (q_idx - kv_idx)``; bidirectional attention gets the symmetric distance.
+    ``-slope * (q_idx - kv_idx)``; bidirectional attention gets the symmetric distance. The
+    slope is computed from ``h`` (``2^(-8/P * e)`` with ``P`` the power of two at or below
+    ``num_heads``, ``e = h + 1`` for ``h < P`` and ``h - P + 1/2`` after), so the mod captures
+    no tensor and runs on any device.
     """
-    slopes = torch.tensor(alibi_slopes(num_heads), device=device)  # (H,) float32
+    below = 2 ** math.floor(math.log2(positive_int("num_heads", num_heads)))
+    step = 8 / below
 
     def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return score - (slopes[h] * (q_idx - kv_idx).abs()).to(score.dtype)
+        slope = torch.exp2(-step * torch.where(h < below, h + 1.0, h - below + 0.5))
+        return score - (slope * (q_idx - kv_idx).abs()).to(score.dtype)
 
     alibi.__name__ = f"alibi_{num_heads}h"
     return alibi

@@ -154,7 +154,7 @@ class Extras:
                 [torch.zeros(1, dtype=torch.long), cuts, torch.tensor([length])]
             ).to(device)
         if self.score_mod == "alibi":
-            out["score_mod"] = alibi_score_mod(case.q_heads, device=device)
+            out["score_mod"] = alibi_score_mod(case.q_heads)
         elif self.score_mod == "t5":
             t5 = T5RelativeBias(
                 case.q_heads, num_buckets=8, max_distance=20, bidirectional=not case.is_causal
@@ -221,7 +221,7 @@ def module_reference(
         k = xpos(k, k_pos, key=True, base=m.rotary_base, scale_base=sb)
     score_mod = None
     if m.position == "alibi":
-        score_mod = alibi_score_mod(H, device=q.device)
+        score_mod = alibi_score_mod(H)
     elif m.relative_bias is not None:
         t5, table = m.relative_bias, m.relative_bias.bias.to(dtype)
         score_mod = lambda score, b, h, q_idx, kv_idx: score + table[t5.bucket(kv_idx - q_idx), h]

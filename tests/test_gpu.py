@@ -182,7 +182,7 @@ def test_one_line_mask_compiled_with_extras() -> None:
     B, H, S = 3, 4, 1000
     q, k, v = (torch.randn(B, H, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q64, k64, v64 = (x.double() for x in (q, k, v))
-    extras = {**_varlen(B, S, seed=3), "score_mod": alibi_score_mod(H, device="cuda")}
+    extras = {**_varlen(B, S, seed=3), "score_mod": alibi_score_mod(H)}
     args = ((256, 512), (1, 2))
     m = flex_mask(*args, q_len=S, num_heads=H, is_causal=True, **extras)
     out = torch.compile(flex_attention)(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod)

@@ -34,6 +34,13 @@ def test_alibi_score_mod_in_flex_adds_minus_slope_times_distance() -> None:
     assert alibi_score_mod(4).__name__ == "alibi_4h"
 
 
+@pytest.mark.parametrize("num_heads", [1, 3, 6, 8, 12, 16, 20])
+def test_alibi_score_mod_computes_the_papers_slopes(num_heads: int) -> None:
+    h = torch.arange(num_heads)
+    bias = alibi_score_mod(num_heads)(torch.zeros(num_heads), 0, h, torch.tensor(1), 0)
+    torch.testing.assert_close(-bias, torch.tensor(alibi_slopes(num_heads)))
+
+
 def _hf_t5_bucket(relative, bidirectional, num_buckets, max_distance):
     """Hugging Face's ``T5Attention._relative_position_bucket``, verbatim in substance."""
     buckets = 0
