@@ -12,26 +12,50 @@ Three ways in:
 * :func:`flex_mask`: a ``(block_mask, score_mod)`` pair that makes your own
   ``flex_attention`` call exactly dilated attention;
 * :func:`dilated_attention` / :class:`DilatedAttention`: the fast branch path, functional or
-  as a module;
+  as a module; :class:`MultiheadDilatedAttention`, a drop-in for
+  ``nn.MultiheadAttention(batch_first=True)`` with GQA, QK-norm, MAGNETO's sub-LayerNorm,
+  positions (:mod:`dilattn.positions`) and a :class:`KVCache` for decoding;
 * :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
+
+Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
+(``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
+positions; the functional path and the reference also take ``q_offset`` (decoding).
 """
 
+from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
-from dilattn.modules import DilatedAttention
+from dilattn.modules import DilatedAttention, MultiheadDilatedAttention, Position
+from dilattn.positions import (
+    T5RelativeBias,
+    alibi_score_mod,
+    alibi_slopes,
+    rotary,
+    xpos,
+    xpos_limit,
+)
 
 __all__ = [
     "DilatedAttention",
     "DilatedConfig",
     "FlexMask",
     "HeadOffsets",
+    "KVCache",
+    "MultiheadDilatedAttention",
+    "Position",
+    "T5RelativeBias",
+    "alibi_score_mod",
+    "alibi_slopes",
     "dilated_attention",
     "dilated_mask_mod",
     "dilated_score_mod",
     "flex_mask",
     "merge_by_lse",
+    "rotary",
+    "xpos",
+    "xpos_limit",
 ]
 
 __version__ = "0.1.0"

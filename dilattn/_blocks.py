@@ -39,6 +39,10 @@ class Spans(NamedTuple):
     full_lo: Tensor
     full_hi: Tensor
 
+    def without_full(self) -> Spans:
+        """The same touched blocks, none of them full (so the ``mask_mod`` runs on all)."""
+        return self._replace(full_hi=self.full_lo)
+
 
 def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them,
@@ -133,10 +137,11 @@ def union_spans(
     ``[a, z]`` of this axis touches the rows of the other axis that share a segment of some
     branch with it; with ``causal_sign = +1`` (this axis holds queries) only keys starting at
     or before ``z``, with ``-1`` (this axis holds keys) only queries ending at or after ``a``.
-    Full blocks come from one ``r = 1`` branch holding both blocks in one segment (the
-    longest such run); causal full blocks lie strictly off the block diagonal.
-    Every branch's interval contains the block at this block's own position, so their union
-    is one interval.
+    Full blocks are those that some ``r = 1`` branch holds in one segment together with this
+    block; causal full blocks lie strictly off the block diagonal. Every branch's touched
+    interval contains the block at this block's own position, and every full run starts at or
+    before it and ends at or after it (block-aligned segments), so both unions are one interval,
+    and "full" is the same pair predicate seen from either axis: the two sides are transposes.
     """
     bs = block_size
     n_other = cdiv(other_len, bs)
@@ -145,7 +150,7 @@ def union_spans(
     z = torch.clamp(a + bs, max=this_len) - 1
     lo = torch.full_like(blk, n_other)
     hi = torch.zeros_like(blk)
-    full_lo = torch.zeros_like(blk)
+    full_lo = torch.full_like(blk, n_other)  # empty until a branch has a full run
     full_hi = torch.zeros_like(blk)
     for w, r in branches:
         first, last = a // w, z // w  # segments this block overlaps
@@ -168,9 +173,9 @@ def union_spans(
             f_hi = torch.minimum(f_hi, blk)
         elif causal_sign < 0:
             f_lo = torch.maximum(f_lo, blk + 1)
-        longer = (first == last) & (f_lo < f_hi) & (f_hi - f_lo > full_hi - full_lo)
-        full_lo = torch.where(longer, f_lo, full_lo)
-        full_hi = torch.where(longer, f_hi, full_hi)
+        has_run = (first == last) & (f_lo < f_hi)
+        full_lo = torch.where(has_run, torch.minimum(full_lo, f_lo), full_lo)
+        full_hi = torch.where(has_run, torch.maximum(full_hi, f_hi), full_hi)
     lo = torch.minimum(lo, hi)
     return Spans(*(x.view(1, 1, -1) for x in (lo, hi, full_lo, full_hi)))
 

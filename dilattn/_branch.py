@@ -8,9 +8,14 @@ Branch ``(w, r)``: segment ``j``, head ``h`` with offset ``o`` holds positions
 ``j*w + o + k*r`` for ``k < M``. Those are gathered into a batch of ``B*N`` short sequences
 of ``M`` rows, where plain (causal) attention over a prefix of valid keys is exactly the
 branch: rows past the segment or the sequence end are padding, masked as keys and dropped as
-queries. Two backends compute that attention: ``flex`` (FlexAttention with an analytic block
-mask; compiled on CUDA, eager and forward-only on CPU) and ``math`` (matmul and softmax,
-any device, differentiable).
+queries. Query row ``i`` sits at position ``q_offset + i``; only the segments holding a query
+are gathered (decoding one token reads one segment per branch). Two backends compute that
+attention: ``flex`` (FlexAttention with an analytic block mask; compiled on CUDA, eager and
+forward-only on CPU) and ``math`` (matmul and softmax, any device, differentiable).
+
+Padding, documents and a user's ``score_mod`` are mods over positions (:class:`PositionMods`);
+each branch wraps them so that compact indices ``(b*N + n, h, m)`` are mapped back to the
+batch row and the positions of query and key before they are called.
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ import functools
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from torch.nn.attention.flex_attention import (
+    AuxRequest,
+    BlockMask,
+    _mask_mod_signature,
+    _score_mod_signature,
+    and_masks,
+    flex_attention,
+)
 
 from dilattn._blocks import block_mask_from_spans, cdiv, prefix_spans
 from dilattn._softmax import softmax_with_lse
@@ -37,10 +50,22 @@ RECOMPILE_LIMIT = 64
 _compiled_flex: Any = torch.compile(flex_attention)
 
 
+class PositionMods(NamedTuple):
+    """Mods over ORIGINAL indices: batch row, query head, and the positions of query and key.
+    ``mask_mod`` adds a condition to the branch masks; ``score_mod`` changes the scaled score
+    before them."""
+
+    mask_mod: _mask_mod_signature | None = None
+    score_mod: _score_mod_signature | None = None
+
+
+NO_MODS = PositionMods()
+
+
 class Layout(NamedTuple):
     """Where one branch's compact rows come from, for given lengths."""
 
-    q_index: Tensor  # (N, H, M) positions of compact queries, clamped into [0, S_q)
+    q_index: Tensor  # (N, H, M) query rows of compact queries, clamped into [0, S_q)
     q_target: Tensor  # (N, H, M) the same, with padding rows sent to the spare row S_q
     kv_heads: Tensor  # (Hc,) source key/value head of each compact key head
     kv_index: Tensor  # (N, Hc, M) positions of compact keys, clamped into [0, S_kv)
@@ -48,10 +73,12 @@ class Layout(NamedTuple):
     rows: int  # M
 
 
-def _positions(offsets: Tensor, w: int, r: int, segments: int, rows: int) -> tuple[Tensor, Tensor]:
-    """``(positions, inside)``, each ``(N, len(offsets), M)``: ``j*w + o + k*r`` and whether it
-    lies inside its segment."""
-    j = torch.arange(segments, device=offsets.device).view(-1, 1, 1)
+def _positions(
+    offsets: Tensor, w: int, r: int, first: int, segments: int, rows: int
+) -> tuple[Tensor, Tensor]:
+    """``(positions, inside)``, each ``(N, len(offsets), M)``: ``j*w + o + k*r`` for segments
+    ``j`` from ``first`` on, and whether it lies inside its segment."""
+    j = torch.arange(first, first + segments, device=offsets.device).view(-1, 1, 1)
     k = torch.arange(rows, device=offsets.device).view(1, 1, -1)
     relative = offsets.view(1, -1, 1) + k * r
     return j * w + relative, (relative < w).expand(segments, -1, -1)
@@ -64,22 +91,25 @@ def layout(
     group: int,
     q_len: int,
     kv_len: int,
+    q_offset: int,
     device: torch.device,
 ) -> Layout:
-    """The compact layout of branch ``(w, r)``; ``group`` query heads share a key/value head."""
-    total = max(q_len, kv_len)
-    w = min(w, total)  # a longer segment holds the same positions
-    segments, rows = cdiv(total, w), cdiv(w, r)
+    """The compact layout of branch ``(w, r)`` over the segments holding a query (query row
+    ``i`` at position ``q_offset + i``); ``group`` query heads share a key/value head."""
+    w = min(w, max(q_offset + q_len, kv_len))  # a longer segment holds the same positions
+    first = q_offset // w
+    segments, rows = (q_offset + q_len - 1) // w - first + 1, cdiv(w, r)
     q_offsets = torch.tensor(offsets, device=device)
-    q_pos, q_inside = _positions(q_offsets, w, r, segments, rows)
-    q_real = q_inside & (q_pos < q_len)
+    q_pos, q_inside = _positions(q_offsets, w, r, first, segments, rows)
+    q_row = q_pos - q_offset
+    q_real = q_inside & (q_row >= 0) & (q_row < q_len)
     shared = all(offsets[h] == offsets[h - h % group] for h in range(len(offsets)))
     kv_heads = torch.arange(len(offsets) // group if shared else len(offsets), device=device)
     kv_offsets = q_offsets[::group] if shared else q_offsets
-    kv_pos, _ = _positions(kv_offsets, w, r, segments, rows)
+    kv_pos, _ = _positions(kv_offsets, w, r, first, segments, rows)
     return Layout(
-        q_index=q_pos.clamp(max=q_len - 1),
-        q_target=torch.where(q_real, q_pos, q_len),
+        q_index=q_row.clamp(0, q_len - 1),
+        q_target=torch.where(q_real, q_row, q_len),
         kv_heads=kv_heads if shared else kv_heads // group,
         kv_index=kv_pos.clamp(max=kv_len - 1),
         kv_count=(q_inside & (q_pos < kv_len)).sum(-1, dtype=torch.int32),  # per query head
@@ -100,11 +130,51 @@ def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
     return rearrange(rows, "b n h m d -> (b n) h m d")
 
 
+def _compact_mods(mods: PositionMods, lay: Layout, q_offset: int, num_heads: int) -> PositionMods:
+    """``mods`` called on compact indices ``(b*N + n, h, m, m')``: each index is mapped back to
+    the batch row ``b`` and to the positions of the query and the key (clamped into the
+    sequences, so padding rows index safely; they are masked anyway)."""
+    segments = lay.q_index.shape[0]
+    q_pos = q_offset + lay.q_index  # (N, H, M)
+    kv_pos = lay.kv_index.repeat_interleave(num_heads // lay.kv_index.shape[1], dim=1)  # (N, H, M)
+
+    def original(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
+        n = b % segments
+        return b // segments, h, q_pos[n, h, q_idx], kv_pos[n, h, kv_idx]
+
+    compact = PositionMods()
+    if mods.mask_mod is not None:
+        mask_mod = mods.mask_mod
+
+        def compact_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return mask_mod(*original(b, h, q_idx, kv_idx))
+
+        compact = compact._replace(mask_mod=compact_mask)
+    if mods.score_mod is not None:
+        score_mod = mods.score_mod
+
+        def compact_score(
+            score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
+        ) -> Tensor:
+            return score_mod(score, *original(b, h, q_idx, kv_idx))
+
+        compact = compact._replace(score_mod=compact_score)
+    return compact
+
+
 def _math_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    is_causal: bool,
+    scale: float,
+    mods: PositionMods,
+    dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` ``(B', H, M, D)`` over the first ``kv_count`` ``(B', H)`` keys of
-    ``k``/``v`` ``(B', Hc, M, D)``; returns ``(B', H, M, Dv)`` and lse ``(B', H, M)``."""
+    ``k``/``v`` ``(B', Hc, M, D)``, with ``mods`` on compact indices and dropout on the
+    probabilities; returns ``(B', H, M, Dv)`` and lse ``(B', H, M)``."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     q_g = rearrange(q.to(work), "b (k g) m d -> b k g m d", g=groups)
@@ -113,7 +183,25 @@ def _math_attention(
     visible = keys < rearrange(kv_count, "b (k g) -> b k g 1 1", g=groups)  # (B', Hk, G, 1, M)
     if is_causal:
         visible = visible & (keys.view(-1, 1) >= keys)  # (M, M): query row >= key row
+    if mods.mask_mod is not None or mods.score_mod is not None:
+        b, h, q_idx, kv_idx = (
+            torch.arange(n, device=q.device).view(shape)
+            for n, shape in (
+                (q.shape[0], (-1, 1, 1, 1)),
+                (q.shape[1], (1, -1, 1, 1)),
+                (q.shape[2], (1, 1, -1, 1)),
+                (k.shape[2], (1, 1, 1, -1)),
+            )
+        )
+        by_head = "b (k g) m s -> b k g m s"
+        if mods.score_mod is not None:
+            flat = rearrange(scores, "b k g m s -> b (k g) m s")  # (B', H, M, M)
+            scores = rearrange(mods.score_mod(flat, b, h, q_idx, kv_idx), by_head, g=groups)
+        if mods.mask_mod is not None:
+            visible = visible & rearrange(mods.mask_mod(b, h, q_idx, kv_idx), by_head, g=groups)
     probs, lse = softmax_with_lse(scores.masked_fill(~visible, -torch.inf), dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
     out = torch.einsum("bkgms,bksd->bkgmd", probs, v.to(work))
     return (
         rearrange(out, "b k g m d -> b (k g) m d").to(q.dtype),
@@ -122,9 +210,16 @@ def _math_attention(
 
 
 def _flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    is_causal: bool,
+    scale: float,
+    mods: PositionMods,
 ) -> tuple[Tensor, Tensor]:
-    """As :func:`_math_attention`, by FlexAttention with an analytic block mask."""
+    """As :func:`_math_attention` (without dropout), by FlexAttention with an analytic block
+    mask. A ``mask_mod`` in ``mods`` makes every touched block partial, so it runs on all."""
     rows, cols = prefix_spans(
         kv_count.amin(1),
         kv_count.amax(1),
@@ -139,40 +234,49 @@ def _flex_attention(
     def causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx)
 
+    mask_mod: _mask_mod_signature = causal_valid if is_causal else valid
+    if mods.mask_mod is not None:
+        mask_mod = and_masks(mask_mod, mods.mask_mod)
+        rows, cols = rows.without_full(), cols.without_full()
     n = cdiv(q.shape[2], BLOCK_SIZE)
     block_mask = block_mask_from_spans(
         rows,
         cols,
         seq_lengths=(q.shape[2], k.shape[2]),
         block_size=BLOCK_SIZE,
-        mask_mod=causal_valid if is_causal else valid,
+        mask_mod=mask_mod,
         widths=(n, n),
     )
-    return _run_flex(q, k, v, block_mask, scale)
+    return _run_flex(q, k, v, block_mask, scale, mods.score_mod)
 
 
 def _run_flex(
-    q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    score_mod: _score_mod_signature | None,
 ) -> tuple[Tensor, Tensor]:
     """Flex with lse: compiled on CUDA, never its silent eager fallback (it materialises every
-    score); eager (forward only) on CPU."""
-    run: Any = flex_attention
-    if q.is_cuda and not torch.compiler.is_compiling():
-        run = _compiled_flex
+    score); eager (forward only) on CPU; inside the caller's graph when it is being compiled
+    (``torch.compile(model)``), where no config patch can be traced."""
+    options: dict[str, Any] = {
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": True,
+        "return_aux": AuxRequest(lse=True),
+    }
+    if torch.compiler.is_compiling() or not q.is_cuda:
+        out, aux = flex_attention(q, k, v, **options)
+        return out, aux.lse
     limits = torch._dynamo.config.patch(
         recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
     )
     try:
         with limits:
-            out, aux = run(
-                q,
-                k,
-                v,
-                block_mask=block_mask,
-                scale=scale,
-                enable_gqa=True,
-                return_aux=AuxRequest(lse=True),
-            )
+            out, aux = _compiled_flex(q, k, v, **options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
@@ -192,23 +296,34 @@ def branch_attention(
     is_causal: bool,
     scale: float,
     backend: Backend,
+    q_offset: int = 0,
+    mods: PositionMods = NO_MODS,
+    dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Dilated attention by the branch path: ``(B, H, S_q, Dv)`` and lse ``(B, H, S_q)``."""
+    """Dilated attention by the branch path: ``(B, H, S_q, Dv)`` and lse ``(B, H, S_q)``;
+    query row ``i`` at position ``q_offset + i``, ``mods`` over positions, ``dropout_p`` on
+    each branch's probabilities (math backend only)."""
     B, H, q_len, _ = query.shape
     kv_len, group = key.shape[2], H // key.shape[1]
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
     lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
     heads = torch.arange(H, device=query.device).view(1, -1, 1)
-    attend = _flex_attention if backend == "flex" else _math_attention
+    attend: Any = (
+        _flex_attention
+        if backend == "flex"
+        else functools.partial(_math_attention, dropout_p=dropout_p)
+    )
     make = layout if torch.compiler.is_compiling() else _cached_layout
+    has_mods = mods.mask_mod is not None or mods.score_mod is not None
     for (w, r), head_offsets in zip(branches, offsets, strict=True):
-        lay = make(w, r, head_offsets, group, q_len, kv_len, query.device)
+        lay = make(w, r, head_offsets, group, q_len, kv_len, q_offset, query.device)
         q_rows = _gather(query, heads.view(-1), lay.q_index)
         k_rows = _gather(key, lay.kv_heads, lay.kv_index)
         v_rows = _gather(value, lay.kv_heads, lay.kv_index)
         kv_count = lay.kv_count.repeat(B, 1)  # (B*N, H)
-        o_rows, lse_rows = attend(q_rows, k_rows, v_rows, kv_count, is_causal, scale)
+        compact = _compact_mods(mods, lay, q_offset, H) if has_mods else mods
+        o_rows, lse_rows = attend(q_rows, k_rows, v_rows, kv_count, is_causal, scale, compact)
         target = (slice(None), heads, lay.q_target)  # (B, N, H, M) rows of out/lse
         new_out, new_lse = merge_by_lse(
             [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=B)],

@@ -77,3 +77,37 @@ def default_scale(scale: float | None, head_dim: int) -> float:
 
 def as_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
+
+
+def check_q_offset(q_offset: int) -> int:
+    """``q_offset``: a non-negative integer (the absolute position of query row 0)."""
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be a non-negative integer, got {q_offset!r}")
+    return q_offset
+
+
+def check_score_mod(score_mod: object) -> None:
+    """``score_mod``: ``None`` or a callable ``(score, b, h, q_idx, kv_idx) -> score``."""
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(
+            "score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, got "
+            f"{type(score_mod).__name__}"
+        )
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value``, an ``int > 0`` (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def number_in(
+    name: str, value: object, low: float, high: float, *, open_low: bool = False
+) -> float:
+    """``value`` as a float in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (low < value if open_low else low <= value) or not value <= high:
+        raise ValueError(f"{name} must be in {'(' if open_low else '['}{low}, {high}], got {value}")
+    return float(value)

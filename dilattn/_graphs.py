@@ -48,7 +48,7 @@ def run(
         ]
         for s, x in zip(static, inputs, strict=True):
             s.copy_(x)  # the graph reads its own copies
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn(*static)  # warm-up: Triton compiles, cuDNN builds its plans

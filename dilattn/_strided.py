@@ -149,7 +149,9 @@ def plan(
     share a key/value head; offset -1: the head skips the branch. Per branch, the fewer of:
     one call per offset, or one call per slot (a head of each offset). A call whose heads no
     earlier branch computed writes its rows; later ones merge into them."""
-    calls, touched, zero_fill = [], set(), False
+    calls: list[Call] = []
+    touched: set[int] = set()
+    zero_fill = False
     order = sorted(range(len(branches)), key=lambda i: branches[i][1] != 1)  # r = 1 first
     for index, ((w, r), head_offsets) in enumerate((branches[i], offsets[i]) for i in order):
         w = min(w, seq_len)
@@ -331,7 +333,7 @@ def _expand(kv: Tensor, q: Tensor) -> Tensor:
 
 def _reduce(grad: Tensor, kv: Tensor) -> Tensor:
     """Sum a gradient over the query heads that share each key/value head."""
-    return grad.unflatten(1, (kv.shape[1], -1)).sum(2)
+    return grad.reshape(grad.shape[0], kv.shape[1], -1, *grad.shape[2:]).sum(2)
 
 
 def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tensor:

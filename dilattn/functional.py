@@ -7,10 +7,18 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn import _strided
-from dilattn._branch import Backend, branch_attention
-from dilattn._checks import check_attention_inputs, default_scale
+from dilattn._branch import Backend, PositionMods, branch_attention
+from dilattn._checks import (
+    check_attention_inputs,
+    check_q_offset,
+    check_score_mod,
+    default_scale,
+    number_in,
+)
+from dilattn._varlen import check_variable_lengths, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets
 
 __all__ = ["dilated_attention", "resolve_backend"]
@@ -27,16 +35,21 @@ def resolve_backend(
     *,
     return_lse: bool = False,
     head_offsets: HeadOffsets = "cyclic",
+    extras: str | None = None,
+    dropout_p: float = 0.0,
 ) -> Backend | Literal["strided"]:
-    """The backend that runs on these inputs: ``"auto"`` is ``"math"`` off CUDA; on CUDA it
+    """The backend that runs on these inputs. ``"auto"`` is ``"math"`` off CUDA; on CUDA it
     is ``"strided"`` where that applies (fp16/bf16, ``S_q == S_kv``, head dims multiples of 8
-    up to 128, no gradient through the lse), else ``"flex"``."""
+    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout), no
+    gradient through the lse), else ``"flex"``."""
     tensors, head_dim = (query, key, value), query.shape[-1]
     if backend not in ("auto", "strided", "flex", "math"):
         raise ValueError(f"backend must be 'auto', 'strided', 'flex' or 'math', got {backend!r}")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     why_not = _strided.supports(query, key, value)
-    if why_not is None and return_lse and needs_grad:
+    if why_not is None and extras is not None:
+        why_not = f"it does not take {extras}"
+    if why_not is None and (return_lse and needs_grad):
         why_not = "it does not differentiate through the returned lse"
     if backend == "strided" and why_not is not None:
         raise ValueError(f"backend='strided' cannot run here: {why_not}")
@@ -51,6 +64,11 @@ def resolve_backend(
         backend = "math" if not query.is_cuda else "strided" if why_not is None else "flex"
     if backend == "strided":
         return backend
+    if backend == "flex" and dropout_p > 0:
+        raise ValueError(
+            f"dropout_p={dropout_p}: FlexAttention has no attention dropout; use "
+            "backend='math', or dropout 0 (e.g. the module in eval mode)"
+        )
     if backend == "flex" and query.is_cuda and head_dim < 16:
         raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
     if backend == "flex" and not query.is_cuda and needs_grad:
@@ -74,13 +92,25 @@ def dilated_attention(
     return_lse: bool = False,
     head_offsets: HeadOffsets = "cyclic",
     backend: BackendName = "auto",
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    score_mod: _score_mod_signature | None = None,
+    q_offset: int = 0,
+    dropout_p: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention (arXiv 2307.02486), exactly, on SDPA's layout.
 
     Branch ``(w, r)`` splits positions into segments ``[j*w, (j+1)*w)``; for head ``h``, the
     positions ``p`` with ``(p - j*w) % r == offset(h, r)`` attend to each other inside their
     segment. The branch outputs ``O_i`` merge by their softmax denominators:
-    ``O = sum_i exp(lse_i - L) O_i``, ``L = logsumexp_i lse_i``. A row no branch covers gives 0.
+    ``O = sum_i exp(lse_i - L) O_i``, ``L = logsumexp_i lse_i``. A row that sees no key
+    (no branch covers it, or padding and documents hide every key) gives 0, never NaN.
+
+    Positions: key ``j`` is at position ``j``, query row ``i`` at ``q_offset + i``. Segments,
+    dilation, causality, documents and ``score_mod`` all use these positions, so decoding with
+    a KV cache (``S_q`` new tokens after ``S_kv - S_q`` cached ones) passes
+    ``q_offset = S_kv - S_q`` and gets exactly the rows of the full computation.
 
     Args:
         query: ``(B, H, S_q, D)``, float16/bfloat16/float32/float64.
@@ -89,19 +119,33 @@ def dilated_attention(
         segment_lengths: ``w_i``, one per branch; any ``S`` works (the last segment may be
             short, a segment longer than the sequence is the whole sequence).
         dilation_rates: ``r_i <= w_i``; ``w_i % r_i`` need not be 0.
-        is_causal: mask keys after the query (positions aligned at 0 for both, as in SDPA).
+        is_causal: mask keys after the query's position (key position <= query position).
         scale: score scale, default ``1 / sqrt(D)``.
         enable_gqa: allow ``H_kv < H`` (grouped-query attention).
         return_lse: also return the merged log-sum-exp, float32 ``(B, H, S_q)``.
-        head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale's
-            ``h // ceil(H / r)``).
+        head_offsets: ``"cyclic"`` (``h % r``, the paper), ``"grouped"`` (torchscale's
+            ``h // ceil(H / r)``) or ``"split"`` (each head computes one branch, as
+            dilated-attention-pytorch; strided backend).
         backend: ``"strided"`` (each branch on strided views of q/k/v, no gather: cuDNN
             attention and an in-place Triton merge on CUDA, matmul on CPU; fp16/bf16 on CUDA,
-            ``S_q == S_kv``, no gradient through the returned lse), ``"flex"``
-            (FlexAttention per branch on gathered rows; compiled on CUDA, forward-only eager
-            on CPU), ``"math"`` (matmul and softmax per gathered segment; any device,
-            differentiable), or ``"auto"``: strided where it applies, else flex on CUDA and
-            math elsewhere.
+            ``S_q == S_kv``, none of the arguments below, no gradient through the returned
+            lse), ``"flex"`` (FlexAttention per branch on gathered rows; compiled on CUDA,
+            forward-only eager on CPU), ``"math"`` (matmul and softmax per gathered segment;
+            any device, differentiable), or ``"auto"``: strided where it applies, else flex
+            on CUDA and math elsewhere.
+        key_padding_mask: ``(B, S_kv)`` bool, torch's meaning: ``True`` = padding key, ignored.
+        document_ids: ``(B, max(q_offset + S_q, S_kv))`` integers, the document of each
+            position (packed sequences): a query sees only keys of its own document. Dilation
+            does NOT restart per document: segments stay anchored at position 0.
+        cu_seqlens: ``(n + 1,)`` integer cumulative document lengths from 0 to
+            ``max(q_offset + S_q, S_kv)``, shared by the batch; instead of ``document_ids``.
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, with
+            ``b`` the batch row, ``h`` the query head and ``q_idx``, ``kv_idx`` the absolute
+            positions; applied to the scaled score before the masks (e.g.
+            :func:`dilattn.alibi_score_mod`).
+        q_offset: the position of query row 0 (default 0: both aligned at 0, as in SDPA).
+        dropout_p: dropout on each branch's attention probabilities (the merge weights are
+            not dropped); ``backend="math"`` only, applied whenever ``dropout_p > 0``.
 
     Returns:
         ``(B, H, S_q, D_v)`` in the input dtype, and the lse when ``return_lse``.
@@ -110,8 +154,35 @@ def dilated_attention(
     """
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
+    check_score_mod(score_mod)
+    q_offset = check_q_offset(q_offset)
+    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
+    padding, documents = check_variable_lengths(
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        batch=shapes.batch,
+        q_len=shapes.q_len,
+        kv_len=shapes.kv_len,
+        q_offset=q_offset,
+        device=query.device,
+    )
+    used = {
+        "key_padding_mask": key_padding_mask is not None,
+        "document_ids/cu_seqlens": documents is not None,
+        "score_mod": score_mod is not None,
+        "q_offset": q_offset != 0,
+        "dropout_p": dropout_p > 0,
+    }
     chosen = resolve_backend(
-        backend, query, key, value, return_lse=return_lse, head_offsets=config.head_offsets
+        backend,
+        query,
+        key,
+        value,
+        return_lse=return_lse,
+        head_offsets=config.head_offsets,
+        extras=next((name for name, on in used.items() if on), None),
+        dropout_p=dropout_p,
     )
     if chosen == "strided":
         out, lse = _strided.strided_attention(
@@ -133,5 +204,8 @@ def dilated_attention(
         is_causal=is_causal,
         scale=default_scale(scale, shapes.head_dim),
         backend=chosen,
+        q_offset=q_offset,
+        mods=PositionMods(visibility_mask_mod(padding, documents), score_mod),
+        dropout_p=dropout_p,
     )
     return (out, lse) if return_lse else out

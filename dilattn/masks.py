@@ -14,10 +14,16 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, _score_mod_signature
+from torch.nn.attention.flex_attention import (
+    BlockMask,
+    _mask_mod_signature,
+    _score_mod_signature,
+    and_masks,
+)
 
 from dilattn._blocks import block_mask_from_spans, union_spans, union_width
-from dilattn._checks import as_device
+from dilattn._checks import as_device, check_score_mod
+from dilattn._varlen import check_variable_lengths, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets
 
 __all__ = ["FlexMask", "dilated_mask_mod", "dilated_score_mod", "flex_mask"]
@@ -122,6 +128,10 @@ def flex_mask(
     head_offsets: HeadOffsets = "cyclic",
     block_size: int = 128,
     device: torch.device | str | None = None,
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    score_mod: _score_mod_signature | None = None,
 ) -> FlexMask:
     """Dilated attention as one ``flex_attention`` call: the one-line mask.
 
@@ -140,11 +150,20 @@ def flex_mask(
         head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale).
         block_size: flex's sparse block size (both axes); compiled flex on CUDA needs one
             that divides 128.
-        device: where the block mask lives (the device of q, k, v).
+        device: where the block mask lives (the device of q, k, v; default: that of the
+            tensors below, else the CPU).
+        key_padding_mask: ``(B, S_kv)`` bool, ``True`` = padding key (ignored).
+        document_ids: ``(B, max(q_len, kv_len))`` integers: a query sees only keys of its own
+            document (segments are NOT restarted per document).
+        cu_seqlens: ``(n + 1,)`` cumulative document lengths, instead of ``document_ids``.
+        score_mod: your ``score_mod(score, b, h, q_idx, kv_idx)``, applied to the scaled
+            score before ``+ log m`` (e.g. :func:`dilattn.alibi_score_mod`).
 
     Returns:
         ``FlexMask(block_mask, score_mod)``. The block mask is built analytically from block
-        intervals, is shared by all heads (``H = 1``), and stays small at 1M tokens.
+        intervals, is shared by all heads and batch rows (``B = H = 1``), and stays small at
+        1M tokens. Padding and documents are conditions of its ``mask_mod``: every touched
+        block is then partial (they do not prune blocks).
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
@@ -158,7 +177,20 @@ def flex_mask(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    dev = as_device(device)
+    check_score_mod(score_mod)
+    given = [x for x in (key_padding_mask, document_ids, cu_seqlens) if isinstance(x, Tensor)]
+    dev = as_device(device if device is not None or not given else given[0].device)
+    batched = [x for x in (key_padding_mask, document_ids) if isinstance(x, Tensor)]
+    padding, documents = check_variable_lengths(
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        batch=batched[0].shape[0] if batched else 1,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_offset=0,
+        device=dev,
+    )
     rows, cols = (
         union_spans(
             config.branches,
@@ -170,25 +202,42 @@ def flex_mask(
         )
         for this, other, sign in ((q_len, kv_len, 1), (kv_len, q_len, -1))
     )
+    mask_mod = dilated_mask_mod(
+        config.segment_lengths,
+        config.dilation_rates,
+        num_heads=num_heads,
+        is_causal=is_causal,
+        head_offsets=head_offsets,
+    )
+    visible = visibility_mask_mod(padding, documents)
+    if visible is not None:
+        name = f"{mask_mod.__name__}_and_{visible.__name__}"
+        mask_mod = and_masks(mask_mod, visible)
+        mask_mod.__name__ = name
+        rows, cols = rows.without_full(), cols.without_full()
     width = union_width(config.branches, block_size)
     block_mask = block_mask_from_spans(
         rows,
         cols,
         seq_lengths=(q_len, kv_len),
         block_size=block_size,
-        mask_mod=dilated_mask_mod(
-            config.segment_lengths,
-            config.dilation_rates,
-            num_heads=num_heads,
-            is_causal=is_causal,
-            head_offsets=head_offsets,
-        ),
+        mask_mod=mask_mod,
         widths=(width, width),
     )
-    score_mod = dilated_score_mod(
+    log_m = dilated_score_mod(
         config.segment_lengths,
         config.dilation_rates,
         num_heads=num_heads,
         head_offsets=head_offsets,
     )
-    return FlexMask(block_mask, score_mod)
+    return FlexMask(block_mask, log_m if score_mod is None else _then(score_mod, log_m))
+
+
+def _then(first: _score_mod_signature, second: _score_mod_signature) -> _score_mod_signature:
+    """The score mod applying ``first``, then ``second``."""
+
+    def composed(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return second(first(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+    composed.__name__ = f"{getattr(first, '__name__', 'score_mod')}_then_{second.__name__}"
+    return composed

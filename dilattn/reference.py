@@ -9,17 +9,36 @@ tokens, in ``float64`` for a ground truth.
 * :func:`dilated_attention_dense` runs ONE softmax over all keys with the additive bias
   ``log m``, where ``m`` counts the branches in which a query sees a key. The two agree:
   that identity is what makes :func:`dilattn.flex_mask` exact.
+
+Both also define the extras every path honours:
+
+* positions: key ``j`` is at position ``j``, query row ``i`` at ``q_offset + i`` (default 0;
+  decoding with a KV cache passes ``q_offset = S_kv - S_q``, bottom-right alignment). The
+  branch segments, the dilation pattern and causality (key position <= query position) all
+  use these absolute positions;
+* ``key_padding_mask`` ``(B, S_kv)`` bool, ``True`` = padding key, seen by no query;
+* ``document_ids`` ``(B, L)``, ``L = max(q_offset + S_q, S_kv)`` (or ``cu_seqlens``): a query
+  sees only keys of its own document. Dilation does NOT restart per document: segments stay
+  anchored at position 0 and documents only remove pairs;
+* ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's signature) with
+  ``q_idx``, ``kv_idx`` the absolute positions, applied to the scaled score before the masks
+  and before the ``log m`` term.
+
+A row with no visible key outputs 0 with lse ``-inf``, never NaN.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import check_attention_inputs, default_scale
+from dilattn._checks import check_attention_inputs, check_q_offset, check_score_mod, default_scale
 from dilattn._softmax import softmax_with_lse
+from dilattn._varlen import check_variable_lengths
 from dilattn.config import DilatedConfig, HeadOffsets
 
 __all__ = [
@@ -38,17 +57,19 @@ def branch_mask(
     q_len: int,
     kv_len: int,
     is_causal: bool = False,
+    q_offset: int = 0,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Which key each query sees in one branch: bool ``(H, S_q, S_kv)``, ``H = len(offsets)``.
 
-    Query ``p`` sees key ``p'`` for head ``h`` iff both lie in one segment
-    (``p // w == p' // w``), both take part (``(p % w) % r == offsets[h]``, i.e. counted from
-    the segment start), and, when causal, ``p' <= p``.
+    Query row ``i`` is at position ``p = q_offset + i``, key ``j`` at ``p' = j``. The query
+    sees the key for head ``h`` iff both lie in one segment (``p // w == p' // w``), both take
+    part (``(p % w) % r == offsets[h]``, i.e. counted from the segment start), and, when
+    causal, ``p' <= p``.
     """
     w, r = segment_length, dilation_rate
     o = torch.as_tensor(offsets, device=device).view(-1, 1, 1)
-    q = torch.arange(q_len, device=device).view(1, -1, 1)
+    q = torch.arange(q_offset, q_offset + q_len, device=device).view(1, -1, 1)
     k = torch.arange(kv_len, device=device).view(1, 1, -1)
     same_segment = (q // w) == (k // w)
     q_takes_part = (q % w) % r == o
@@ -66,34 +87,95 @@ def multiplicity(
     kv_len: int | None = None,
     is_causal: bool = False,
     head_offsets: HeadOffsets = "cyclic",
+    q_offset: int = 0,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """``m(h, p, p')``: in how many branches query ``p`` sees key ``p'``;
-    int64 ``(H, S_q, S_kv)``."""
+    int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
     kv_len = q_len if kv_len is None else kv_len
     masks = [
-        branch_mask(w, r, offsets, q_len=q_len, kv_len=kv_len, is_causal=is_causal, device=device)
+        branch_mask(
+            w,
+            r,
+            offsets,
+            q_len=q_len,
+            kv_len=kv_len,
+            is_causal=is_causal,
+            q_offset=q_offset,
+            device=device,
+        )
         for (w, r), offsets in zip(config.branches, config.offsets(num_heads), strict=True)
     ]
     return torch.stack(masks).sum(0)
 
 
-def _expand_kv(
-    query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
-) -> tuple[Tensor, Tensor]:
+class _Extras(NamedTuple):
+    """The extras of one call, checked: visibility ``(B, 1, S_q, S_kv)`` and the score mod."""
+
+    visible: Tensor | None
+    score_mod: _score_mod_signature | None
+    q_offset: int
+
+
+def _prepare(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    enable_gqa: bool,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor | None,
+    cu_seqlens: Tensor | None,
+    score_mod: _score_mod_signature | None,
+    q_offset: int,
+) -> tuple[Tensor, Tensor, _Extras]:
+    """Keys and values repeated to the query heads, and the extras as dense tensors."""
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
+    check_score_mod(score_mod)
+    q_offset = check_q_offset(q_offset)
+    padding, documents = check_variable_lengths(
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        batch=shapes.batch,
+        q_len=shapes.q_len,
+        kv_len=shapes.kv_len,
+        q_offset=q_offset,
+        device=query.device,
+    )
+    visible = None
+    if padding is not None:
+        visible = ~padding[:, None, None, :]  # (B, 1, 1, S_kv)
+    if documents is not None:
+        q_docs = documents[:, q_offset : q_offset + shapes.q_len]
+        same = q_docs[:, None, :, None] == documents[:, None, None, : shapes.kv_len]
+        visible = same if visible is None else visible & same  # (B, 1, S_q, S_kv)
     group = shapes.q_heads // shapes.kv_heads
-    return key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
+    return key, value, _Extras(visible, score_mod, q_offset)
 
 
-def _masked_attention(
-    query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Softmax attention with an additive ``(H, S_q, S_kv)`` bias (``-inf`` = masked)."""
-    scores = query @ key.transpose(-2, -1) * scale + bias  # (B, H, S_q, S_kv)
-    probs, lse = softmax_with_lse(scores, dim=-1)
-    return probs @ value, lse
+def _scores(query: Tensor, key: Tensor, scale: float, extras: _Extras) -> Tensor:
+    """Scaled scores ``(B, H, S_q, S_kv)``, through the score mod at absolute positions."""
+    scores = query @ key.transpose(-2, -1) * scale
+    if extras.score_mod is None:
+        return scores
+    B, H, q_len, kv_len = scores.shape
+    index = (
+        torch.arange(n, device=query.device).view(shape)
+        for n, shape in ((B, (-1, 1, 1, 1)), (H, (1, -1, 1, 1)), (kv_len, (1, 1, 1, -1)))
+    )
+    b, h, kv_idx = index
+    q_idx = torch.arange(extras.q_offset, extras.q_offset + q_len, device=query.device)
+    return extras.score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx).to(scores.dtype)
+
+
+def _masked_softmax(scores: Tensor, bias: Tensor, extras: _Extras) -> tuple[Tensor, Tensor]:
+    """Softmax and lse of ``scores + bias`` (``bias`` ``(H, S_q, S_kv)``, ``-inf`` = masked)."""
+    scores = scores + bias
+    if extras.visible is not None:
+        scores = scores.masked_fill(~extras.visible, -torch.inf)
+    return softmax_with_lse(scores, dim=-1)
 
 
 def dilated_attention_reference(
@@ -108,6 +190,11 @@ def dilated_attention_reference(
     enable_gqa: bool = False,
     head_offsets: HeadOffsets = "cyclic",
     return_lse: bool = False,
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    score_mod: _score_mod_signature | None = None,
+    q_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention by the definition: branch by branch, merged by softmax denominators.
 
@@ -116,27 +203,51 @@ def dilated_attention_reference(
         key, value: ``(B, H_kv, S_kv, D)`` and ``(B, H_kv, S_kv, D_v)``; ``H_kv`` divides ``H``
             when ``enable_gqa``.
         segment_lengths, dilation_rates: the branches ``(w_i, r_i)``.
-        is_causal: keys after the query are masked (positions aligned at 0, as SDPA does).
+        is_causal: keys after the query's position are masked.
         scale: score scale, default ``1 / sqrt(D)``.
         head_offsets: ``"cyclic"`` (``h % r``) or ``"grouped"`` (torchscale's groups).
         return_lse: also return the merged log-sum-exp ``(B, H, S_q)``, float of the input.
+        key_padding_mask: ``(B, S_kv)`` bool, ``True`` = padding key (ignored).
+        document_ids: ``(B, max(q_offset + S_q, S_kv))`` integers: a query sees only keys of
+            its own document (segments are NOT restarted per document).
+        cu_seqlens: ``(n + 1,)`` cumulative document lengths, instead of ``document_ids``.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` at absolute positions,
+            on the scaled score, before the masks.
+        q_offset: the position of query row 0 (keys start at 0).
 
     Returns:
         ``(B, H, S_q, D_v)``: ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``;
-        rows that no branch covers give 0 (and ``L = -inf``).
+        rows that see no key give 0 (and ``L = -inf``).
     """
     config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
-    key, value = _expand_kv(query, key, value, enable_gqa)
-    scale = default_scale(scale, query.shape[-1])
+    key, value, extras = _prepare(
+        query,
+        key,
+        value,
+        enable_gqa,
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        score_mod,
+        q_offset,
+    )
+    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     outputs, lses = [], []
     for (w, r), offsets in zip(config.branches, config.offsets(query.shape[1]), strict=True):
         mask = branch_mask(
-            w, r, offsets, q_len=q_len, kv_len=kv_len, is_causal=is_causal, device=query.device
+            w,
+            r,
+            offsets,
+            q_len=q_len,
+            kv_len=kv_len,
+            is_causal=is_causal,
+            q_offset=extras.q_offset,
+            device=query.device,
         )
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-        out, lse = _masked_attention(query, key, value, bias.masked_fill(~mask, -torch.inf), scale)
-        outputs.append(out)
+        probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
+        outputs.append(probs @ value)
         lses.append(lse)
     weights, merged_lse = softmax_with_lse(torch.stack(lses), dim=0)  # (N, B, H, S_q)
     out = (weights.unsqueeze(-1) * torch.stack(outputs)).sum(0)
@@ -155,10 +266,25 @@ def dilated_attention_dense(
     enable_gqa: bool = False,
     head_offsets: HeadOffsets = "cyclic",
     return_lse: bool = False,
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    score_mod: _score_mod_signature | None = None,
+    q_offset: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The same function as :func:`dilated_attention_reference`, as ONE softmax over all keys
     with bias ``log m(h, p, p')`` (``-inf`` where ``m = 0``). Arguments and result likewise."""
-    key, value = _expand_kv(query, key, value, enable_gqa)
+    key, value, extras = _prepare(
+        query,
+        key,
+        value,
+        enable_gqa,
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        score_mod,
+        q_offset,
+    )
     m = multiplicity(
         segment_lengths,
         dilation_rates,
@@ -167,8 +293,10 @@ def dilated_attention_dense(
         kv_len=key.shape[-2],
         is_causal=is_causal,
         head_offsets=head_offsets,
+        q_offset=extras.q_offset,
         device=query.device,
     )
-    bias = torch.log(m.to(query.dtype))  # log 0 = -inf masks
-    out, lse = _masked_attention(query, key, value, bias, default_scale(scale, query.shape[-1]))
+    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
+    probs, lse = _masked_softmax(scores, torch.log(m.to(query.dtype)), extras)  # log 0 = -inf
+    out = probs @ value
     return (out, lse) if return_lse else out

@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+from dilattn import MultiheadDilatedAttention, T5RelativeBias, alibi_score_mod, rotary, xpos
+from dilattn.reference import dilated_attention_reference
 
 settings.register_profile(
     "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
@@ -109,3 +114,130 @@ def cases(
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _wave(score, b, h, q_idx, kv_idx):
+    """A score mod that uses every index: it catches compact indices passed for positions."""
+    return score + 0.5 * torch.sin(0.7 * q_idx - 0.3 * kv_idx + h + 2 * b)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Drawn extras of one call: padding, documents, a score mod and the query offset."""
+
+    padding: bool
+    documents: str  # "none" | "ids" | "cu_seqlens"
+    score_mod: str  # "none" | "alibi" | "t5" | "wave"
+    q_offset: int
+    seed: int
+
+    def kwargs(
+        self, case: Case, device: str = "cpu", learnable: list | None = None
+    ) -> dict[str, object]:
+        """The keyword arguments, from fresh random tensors (seeded by ``seed``): padding keys
+        with probability 0.3 and sometimes a whole batch row padded; documents of random
+        lengths; a T5 table of unit scale (appended to ``learnable``)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        out: dict[str, object] = {"q_offset": self.q_offset}
+        length = max(self.q_offset + case.q_len, case.kv_len)
+        if self.padding:
+            mask = torch.rand(case.batch, case.kv_len, generator=gen) < 0.3
+            if case.batch > 1 and self.seed % 3 == 0:
+                mask[-1] = True  # a batch row with nothing to see
+            out["key_padding_mask"] = mask.to(device)
+        starts = torch.rand(case.batch, length, generator=gen) < 0.2
+        if self.documents == "ids":
+            out["document_ids"] = (starts.cumsum(-1) * 3 + 1).to(device)  # any integers
+        elif self.documents == "cu_seqlens":
+            cuts = torch.nonzero(starts[0, 1:]).view(-1) + 1
+            out["cu_seqlens"] = torch.cat(
+                [torch.zeros(1, dtype=torch.long), cuts, torch.tensor([length])]
+            ).to(device)
+        if self.score_mod == "alibi":
+            out["score_mod"] = alibi_score_mod(case.q_heads)
+        elif self.score_mod == "t5":
+            t5 = T5RelativeBias(
+                case.q_heads, num_buckets=8, max_distance=20, bidirectional=not case.is_causal
+            )
+            with torch.no_grad():
+                t5.bias.normal_(generator=gen)
+            t5 = t5.double().to(device)
+            out["score_mod"] = t5.score_mod
+            if learnable is not None:
+                learnable.append(t5.bias)
+        elif self.score_mod == "wave":
+            out["score_mod"] = _wave
+        return out
+
+
+@st.composite
+def extras(draw: st.DrawFn, case: Case, *, q_offset: bool = True) -> Extras:
+    """Extras for ``case``; ``q_offset`` is 0, ``S_kv - S_q`` (decoding) or anything."""
+    decode = max(case.kv_len - case.q_len, 0)
+    offsets = [0, decode, draw(st.integers(0, 2 * case.q_len))] if q_offset else [0]
+    return Extras(
+        padding=draw(st.booleans()),
+        documents=draw(st.sampled_from(["none", "ids", "cu_seqlens"])),
+        score_mod=draw(st.sampled_from(["none", "alibi", "t5", "wave"])),
+        q_offset=draw(st.sampled_from(offsets)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def module_reference(
+    m: MultiheadDilatedAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    is_causal: bool,
+    dtype: torch.dtype = torch.float64,
+    **kwargs: object,
+) -> torch.Tensor:
+    """What ``m`` computes, written out by hand in ``dtype`` around the dense reference (with
+    ``m``'s own parameters, so gradients reach them): the float64 truth, or plain PyTorch in
+    a low precision as the baseline of the error budget."""
+
+    def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
+
+    def norm(layer: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = layer.weight.to(dtype), layer.bias.to(dtype)
+        return F.layer_norm(x, x.shape[-1:], weight, bias, layer.eps)
+
+    H, H_kv = m.num_heads, m.num_kv_heads
+    q = rearrange(linear(m.q_proj, query), "b s (h d) -> b h s d", h=H)
+    k = rearrange(linear(m.k_proj, key), "b s (h d) -> b h s d", h=H_kv)
+    v = rearrange(linear(m.v_proj, value), "b s (h d) -> b h s d", h=H_kv)
+    if m.q_norm is not None and m.k_norm is not None:
+        q, k = norm(m.q_norm, q), norm(m.k_norm, k)
+    q_pos, k_pos = (torch.arange(x.shape[2], device=x.device) for x in (q, k))
+    if m.position == "rotary":
+        q, k = rotary(q, q_pos, base=m.rotary_base), rotary(k, k_pos, base=m.rotary_base)
+    elif m.position == "xpos":
+        sb = m.xpos_scale_base
+        q = xpos(q, q_pos, key=False, base=m.rotary_base, scale_base=sb)
+        k = xpos(k, k_pos, key=True, base=m.rotary_base, scale_base=sb)
+    score_mod = None
+    if m.position == "alibi":
+        score_mod = alibi_score_mod(H)
+    elif m.relative_bias is not None:
+        t5, table = m.relative_bias, m.relative_bias.bias.to(dtype)
+        score_mod = lambda score, b, h, q_idx, kv_idx: score + table[t5.bucket(kv_idx - q_idx), h]
+    out = dilated_attention_reference(
+        q,
+        k,
+        v,
+        m.config.segment_lengths,
+        m.config.dilation_rates,
+        is_causal=is_causal,
+        enable_gqa=H_kv != H,
+        head_offsets=m.config.head_offsets,
+        score_mod=score_mod,
+        **kwargs,
+    )
+    out = rearrange(out, "b h s d -> b s (h d)")
+    if m.norm is not None:
+        out = norm(m.norm, out)
+    return linear(m.out_proj, out)

@@ -4,17 +4,85 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LOW_DTYPES, Case, assert_within_budget, cases
-from hypothesis import given
+from conftest import LOW_DTYPES, Case, assert_within_budget, cases, extras
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dilattn._branch
 from dilattn import dilated_attention
+from dilattn._branch import layout
 from dilattn.reference import dilated_attention_reference
 
 
 def _both(case: Case, q, k, v, **extra):
     args = (q, k, v, case.segment_lengths, case.dilation_rates)
     return dilated_attention_reference(*args, **case.kwargs, **extra)
+
+
+@given(data=st.data(), case=cases(max_len=40), dtype=st.sampled_from([torch.float64, *LOW_DTYPES]))
+def test_math_backend_with_extras_matches_reference(data, case: Case, dtype: torch.dtype) -> None:
+    kw = data.draw(extras(case)).kwargs(case)
+    (q64, k64, v64), (q, k, v) = case.inputs(dtype)
+    truth, truth_lse = _both(case, q64, k64, v64, return_lse=True, **kw)
+    baseline, baseline_lse = _both(case, q, k, v, return_lse=True, **kw)
+    out, lse = dilated_attention(
+        q,
+        k,
+        v,
+        case.segment_lengths,
+        case.dilation_rates,
+        **case.kwargs,
+        **kw,
+        return_lse=True,
+        backend="math",
+    )
+    assert_within_budget(out, baseline, truth)
+    assert_within_budget(lse.to(dtype), baseline_lse, truth_lse)
+
+
+@settings(max_examples=8)
+@given(
+    data=st.data(), case=cases(max_len=40), dtype=st.sampled_from([torch.float64, torch.float32])
+)
+def test_flex_backend_with_extras_matches_reference(data, case: Case, dtype: torch.dtype) -> None:
+    kw = data.draw(extras(case)).kwargs(case)
+    (q64, k64, v64), (q, k, v) = case.inputs(dtype)
+    truth = _both(case, q64, k64, v64, **kw)
+    out = dilated_attention(
+        q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs, **kw, backend="flex"
+    )
+    assert_within_budget(out, _both(case, q, k, v, **kw), truth)
+
+
+@settings(max_examples=25)
+@given(data=st.data(), case=cases(max_len=32))
+def test_math_backend_gradients_with_extras_match_reference(data, case: Case) -> None:
+    (q, k, v), _ = case.inputs(torch.float64, requires_grad=True)
+    params = [q, k, v]
+    kw = data.draw(extras(case)).kwargs(case, learnable=params)  # + the T5 table, if drawn
+    args = (q, k, v, case.segment_lengths, case.dilation_rates)
+    out = dilated_attention(*args, **case.kwargs, **kw, backend="math")
+    ref = dilated_attention_reference(*args, **case.kwargs, **kw)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref, params, grad_out, allow_unused=True)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g is not None and torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@given(case=cases(max_len=40, same_lengths=True), split=st.integers(1, 40))
+def test_decoding_rows_with_q_offset_equal_the_full_forward(case: Case, split) -> None:
+    """The last rows, given with ``q_offset`` over every key, are rows of the full causal call."""
+    (q, k, v), _ = case.inputs(torch.float64)
+    split = min(split, case.kv_len)
+    args = (case.segment_lengths, case.dilation_rates)
+    kwargs = {**case.kwargs, "is_causal": True, "backend": "math", "return_lse": True}
+    full = dilated_attention(q[:, :, : case.kv_len], k, v, *args, **kwargs)
+    offset = case.kv_len - split
+    part = dilated_attention(q[:, :, offset : case.kv_len], k, v, *args, q_offset=offset, **kwargs)
+    for a, b in zip(part, full, strict=True):
+        torch.testing.assert_close(a, b[:, :, offset:])
 
 
 @given(case=cases(), dtype=st.sampled_from([torch.float64, *LOW_DTYPES]))
@@ -62,6 +130,94 @@ def test_math_backend_gradients_match_reference(case: Case) -> None:
     for g, r in zip(grads, ref_grads, strict=True):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["math", "flex"])
+def test_rows_that_see_nothing_give_zero_and_finite_gradients(backend: str) -> None:
+    q, k, v = (torch.randn(3, 4, 21, 8, requires_grad=backend == "math") for _ in range(3))
+    padding = torch.rand(3, 21) < 0.5
+    padding[1] = True  # batch row 1 sees nothing
+    documents = torch.tensor([0] * 6 + [1] * 15).expand(3, 21)
+    padding[2, 6:] = True  # document 1 of batch row 2 is all padding
+    out, lse = dilated_attention(
+        q,
+        k,
+        v,
+        [7, 21],
+        [1, 3],
+        is_causal=True,
+        key_padding_mask=padding,
+        document_ids=documents,
+        return_lse=True,
+        backend=backend,
+    )
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out[1] == 0).all() and (out[2, :, 6:] == 0).all()
+    assert torch.isinf(lse[1]).all() and torch.isinf(lse[2, :, 6:]).all()
+    if backend == "math":
+        out.sum().backward()
+        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["math", "flex"])
+@pytest.mark.parametrize("extra", ["key_padding_mask", "document_ids"])
+def test_extras_apply_inside_blocks_that_are_otherwise_full(backend: str, extra: str) -> None:
+    # non-causal, one dense branch: without the extra, every block of keys is fully visible
+    q, k, v = (torch.randn(2, 2, 150, 8, dtype=torch.float64) for _ in range(3))
+    value = torch.rand(2, 150) < 0.3 if extra == "key_padding_mask" else torch.arange(150) // 50
+    kwargs = {extra: value.expand(2, 150)}
+    out = dilated_attention(q, k, v, [150], [1], backend=backend, **kwargs)
+    torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [150], [1], **kwargs))
+
+
+@pytest.mark.parametrize("extra", [None, "key_padding_mask", "document_ids"])
+def test_flex_block_masks_have_no_full_blocks_with_extras(monkeypatch, extra) -> None:
+    """Eager flex (CPU) runs the mask_mod everywhere; compiled flex skips it on full blocks,
+    so with padding or documents the branch path must mark none full."""
+    seen = []
+    run = dilattn._branch._run_flex
+    monkeypatch.setattr(
+        dilattn._branch, "_run_flex", lambda *args: seen.append(args[3]) or run(*args)
+    )
+    q, k, v = (torch.randn(1, 2, 150, 8) for _ in range(3))
+    kwargs = (
+        {}
+        if extra is None
+        else {
+            extra: torch.zeros(
+                1, 150, dtype=torch.bool if extra == "key_padding_mask" else torch.long
+            )
+        }
+    )
+    dilated_attention(q, k, v, [150], [1], backend="flex", **kwargs)
+    (block_mask,) = seen
+    assert (block_mask.full_kv_num_blocks.sum() == 0) == (extra is not None)
+    assert (block_mask.full_q_num_blocks.sum() == 0) == (extra is not None)
+
+
+def test_decoding_gathers_only_the_segments_holding_a_query() -> None:
+    lay = layout(
+        64, 4, (0, 1, 2, 3), 1, q_len=1, kv_len=1000, q_offset=999, device=torch.device("cpu")
+    )
+    assert lay.q_index.shape == (1, 4, 16)  # one segment of 64 / 4 rows, not 16 segments
+    assert (lay.kv_index[0, 3] == torch.arange(960 + 3, 1024, 4).clamp(max=999)).all()
+
+
+def test_dropout_drops_each_branch_probabilities_without_bias() -> None:
+    torch.manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 2, 12, 8, dtype=torch.float64).expand(4000, -1, -1, -1) for _ in range(3)
+    )
+    args = (q, k, v, [4, 12], [1, 2])
+    exact = dilated_attention(*args[:3], [4, 12], [1, 2], backend="math")
+    torch.manual_seed(1)
+    first = dilated_attention(*args, backend="math", dropout_p=0.3)
+    torch.manual_seed(1)
+    assert torch.equal(first, dilated_attention(*args, backend="math", dropout_p=0.3))
+    assert not torch.allclose(first[0], exact[0])
+    assert not torch.allclose(first[0], first[1])  # each batch row draws its own mask
+    torch.testing.assert_close(first.mean(0), exact[0], atol=0.06, rtol=0)  # E[out] = out
+    assert (dilated_attention(*args, backend="math", dropout_p=1.0) == 0).all()
 
 
 @pytest.mark.parametrize("backend", ["math", "flex"])
@@ -118,6 +274,33 @@ def _qkv(**shapes: tuple[int, ...]) -> list[torch.Tensor]:
         (_qkv(q=(1, 2, 0, 4)), {}, ValueError, "sequence lengths must be positive"),
         (_qkv(), {"backend": "triton"}, ValueError, "backend must be"),
         (_qkv(), {"scale": "0.5"}, TypeError, "scale must be a float"),
+        (_qkv(), {"key_padding_mask": torch.ones(1, 8)}, TypeError, "must be a bool tensor"),
+        (_qkv(), {"key_padding_mask": torch.ones(1, 7).bool()}, ValueError, r"shape \(1, 8\)"),
+        (_qkv(), {"key_padding_mask": [[True] * 8]}, TypeError, "must be a torch.Tensor"),
+        (_qkv(), {"document_ids": torch.zeros(1, 9).long()}, ValueError, r"shape \(1, 8\)"),
+        (_qkv(), {"document_ids": torch.zeros(1, 8)}, TypeError, "integer tensor"),
+        (
+            _qkv(),
+            {"q_offset": 2, "document_ids": torch.zeros(1, 8).long()},
+            ValueError,
+            r"shape \(1, 10\)",
+        ),
+        (
+            _qkv(),
+            {"document_ids": torch.zeros(1, 8).long(), "cu_seqlens": torch.tensor([0, 8])},
+            ValueError,
+            "not both",
+        ),
+        (_qkv(), {"cu_seqlens": torch.tensor([0, 3, 7])}, ValueError, "rise from 0"),
+        (_qkv(), {"cu_seqlens": torch.tensor([0, 5, 3, 8])}, ValueError, "rise from 0"),
+        (_qkv(), {"cu_seqlens": torch.tensor([8])}, ValueError, "n \\+ 1 >= 2"),
+        (_qkv(), {"cu_seqlens": torch.tensor([0.0, 8.0])}, TypeError, "integer tensor"),
+        (_qkv(), {"q_offset": -1}, ValueError, "q_offset must be a non-negative"),
+        (_qkv(), {"q_offset": 1.0}, ValueError, "q_offset must be a non-negative"),
+        (_qkv(), {"score_mod": "alibi"}, TypeError, "score_mod must be None or a callable"),
+        (_qkv(), {"dropout_p": 1.5}, ValueError, "dropout_p must be in"),
+        (_qkv(), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a number"),
+        (_qkv(), {"dropout_p": 0.1, "backend": "flex"}, ValueError, "no attention dropout"),
     ],
 )
 def test_bad_inputs_raise(tensors, kwargs, error, match) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from conftest import Case, assert_within_budget, cases
-from hypothesis import given
+from conftest import Case, assert_within_budget, cases, extras
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from dilattn import dilated_mask_mod, flex_mask
+from dilattn import alibi_score_mod, dilated_mask_mod, flex_mask
 from dilattn._blocks import block_mask_from_spans, prefix_spans
 from dilattn.reference import dilated_attention_reference, multiplicity
 
@@ -31,6 +31,49 @@ def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
     args = (case.segment_lengths, case.dilation_rates)
     truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
     assert_within_budget(out, dilated_attention_reference(q, k, v, *args, **case.kwargs), truth)
+
+
+@settings(max_examples=8)
+@given(data=st.data(), case=cases(), block_size=st.sampled_from([4, 16, 128]))
+def test_one_line_mask_with_extras_matches_reference(data, case: Case, block_size: int) -> None:
+    kw = data.draw(extras(case, q_offset=False)).kwargs(case)
+    kw.pop("q_offset")
+    (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
+    m = flex_mask(
+        case.segment_lengths,
+        case.dilation_rates,
+        q_len=case.q_len,
+        kv_len=case.kv_len,
+        num_heads=case.q_heads,
+        is_causal=case.is_causal,
+        head_offsets=case.head_offsets,  # type: ignore[arg-type]
+        block_size=block_size,
+        **kw,
+    )
+    gqa = case.q_heads != case.kv_heads
+    out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=gqa)
+    args = (case.segment_lengths, case.dilation_rates)
+    truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs, **kw)
+    baseline = dilated_attention_reference(q, k, v, *args, **case.kwargs, **kw)
+    assert_within_budget(out, baseline, truth)
+
+
+def test_one_line_mask_with_extras_has_no_full_blocks_and_named_mods() -> None:
+    padding = torch.zeros(2, 64, dtype=torch.bool)
+    m = flex_mask(
+        [32],
+        [1],
+        q_len=64,
+        num_heads=2,
+        block_size=16,
+        key_padding_mask=padding,
+        cu_seqlens=torch.tensor([0, 40, 64]),
+        score_mod=alibi_score_mod(2),
+    )
+    assert (m.block_mask.full_kv_num_blocks == 0).all()
+    assert (m.block_mask.kv_num_blocks > 0).all()
+    assert m.block_mask.mask_mod.__name__ == "dilated_w32_r1_and_not_padding_and_same_document"
+    assert m.score_mod.__name__ == "alibi_2h_then_log_multiplicity_w32_r1"
 
 
 def _dense(num: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:

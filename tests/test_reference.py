@@ -2,47 +2,70 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Case, cases
+from conftest import Case, cases, extras
 from hypothesis import given
+from hypothesis import strategies as st
 
 from dilattn.config import DilatedConfig
 from dilattn.reference import dilated_attention_dense, dilated_attention_reference, multiplicity
 
 
-def _brute_force(q, k, v, config: DilatedConfig, is_causal: bool) -> torch.Tensor:
-    """The definition in scalar loops: per branch, per head, per query, the visible keys."""
+def _brute_force(
+    q, k, v, config: DilatedConfig, is_causal: bool, extras: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition in scalar loops: per branch, per head, per query, the visible keys.
+    Returns the output and the log of the total denominator."""
+    extras = extras or {}
     B, H, S, _ = q.shape
+    offset = extras.get("q_offset", 0)
+    padding = extras.get("key_padding_mask")
+    documents = extras.get("document_ids")
+    if "cu_seqlens" in extras:
+        cuts = extras["cu_seqlens"].tolist()
+        documents = torch.tensor(
+            [[sum(c <= p for c in cuts[1:]) for p in range(cuts[-1])]] * B
+        )  # document i holds [cuts[i], cuts[i + 1])
+    score_mod = extras.get("score_mod") or (lambda score, b, h, q_idx, kv_idx: score)
     out = torch.zeros(B, H, S, v.shape[-1], dtype=q.dtype)
+    lse = torch.full((B, H, S), -torch.inf, dtype=q.dtype)
     scale = q.shape[-1] ** -0.5
-    for b in range(B):
-        for h in range(H):
-            for p in range(S):
-                denominators, outputs = [], []
-                for (w, r), offsets in zip(config.branches, config.offsets(H), strict=True):
-                    start = p // w * w
-                    if (p - start) % r != offsets[h]:
-                        continue
-                    keys = [
-                        t
-                        for t in range(start, min(start + w, k.shape[2]))
-                        if (t - start) % r == offsets[h] and (t <= p or not is_causal)
-                    ]
-                    if not keys:
-                        continue
-                    e = torch.stack([torch.exp(q[b, h, p] @ k[b, h, t] * scale) for t in keys])
-                    denominators.append(e.sum())
-                    outputs.append((e[:, None] * v[b, h, keys]).sum(0) / e.sum())
-                if denominators:
-                    total = sum(denominators)
-                    out[b, h, p] = sum(
-                        s / total * o for s, o in zip(denominators, outputs, strict=True)
-                    )
-    return out
+    for b, h, i in itertools.product(range(B), range(H), range(S)):
+        p = offset + i
+        denominators, outputs = [], []
+        for (w, r), offsets in zip(config.branches, config.offsets(H), strict=True):
+            start = p // w * w
+            if (p - start) % r != offsets[h]:
+                continue
+            keys = [
+                t
+                for t in range(start, min(start + w, k.shape[2]))
+                if (t - start) % r == offsets[h]
+                and (t <= p or not is_causal)
+                and (padding is None or not padding[b, t])
+                and (documents is None or documents[b, p] == documents[b, t])
+            ]
+            if not keys:
+                continue
+            index = [torch.tensor(x) for x in (b, h, p)]
+            e = torch.stack(
+                [
+                    torch.exp(score_mod(q[b, h, i] @ k[b, h, t] * scale, *index, torch.tensor(t)))
+                    for t in keys
+                ]
+            )
+            denominators.append(e.sum())
+            outputs.append((e[:, None] * v[b, h, keys]).sum(0) / e.sum())
+        if denominators:
+            total = sum(denominators)
+            out[b, h, i] = sum(s / total * o for s, o in zip(denominators, outputs, strict=True))
+            lse[b, h, i] = torch.log(total)
+    return out, lse
 
 
 @given(case=cases(max_len=14, same_lengths=True, max_segment=10))
@@ -51,7 +74,7 @@ def test_reference_equals_brute_force_definition(case: Case) -> None:
     k, v = (x.repeat_interleave(case.q_heads // case.kv_heads, 1) for x in (k, v))
     config = DilatedConfig(case.segment_lengths, case.dilation_rates, case.head_offsets)  # type: ignore[arg-type]
     kwargs = {"is_causal": case.is_causal, "head_offsets": case.head_offsets}
-    expected = _brute_force(q, k, v, config, case.is_causal)
+    expected, _ = _brute_force(q, k, v, config, case.is_causal)
     torch.testing.assert_close(
         dilated_attention_reference(
             q, k, v, config.segment_lengths, config.dilation_rates, **kwargs
@@ -62,6 +85,25 @@ def test_reference_equals_brute_force_definition(case: Case) -> None:
         dilated_attention_dense(q, k, v, config.segment_lengths, config.dilation_rates, **kwargs),
         expected,
     )
+
+
+@given(data=st.data(), case=cases(max_len=12, max_segment=10))
+def test_reference_extras_equal_brute_force_definition(data: st.DataObject, case: Case) -> None:
+    """Padding, documents, score mods and q_offset, in both references, by the definition."""
+    drawn = data.draw(extras(case))
+    (q, k, v), _ = case.inputs(torch.float64)
+    kw = drawn.kwargs(case)
+    config = DilatedConfig(case.segment_lengths, case.dilation_rates, case.head_offsets)  # type: ignore[arg-type]
+    group = case.q_heads // case.kv_heads
+    expected, expected_lse = _brute_force(
+        q, *(x.repeat_interleave(group, 1) for x in (k, v)), config, case.is_causal, kw
+    )
+    for reference in (dilated_attention_reference, dilated_attention_dense):
+        out, lse = reference(
+            q, k, v, case.segment_lengths, case.dilation_rates, **case.kwargs, **kw, return_lse=True
+        )
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(lse, expected_lse)
 
 
 def _qkv(S: int = 24, H: int = 2, D: int = 8):
@@ -116,7 +158,7 @@ def test_multi_head_is_per_head_results_stacked() -> None:
         dilated_attention_reference(changed, k, v, [10, 20], [1, 4])[:, 0], out[:, 0]
     )
     config = DilatedConfig((10, 20), (1, 4))
-    torch.testing.assert_close(out, _brute_force(q, k, v, config, is_causal=False))
+    torch.testing.assert_close(out, _brute_force(q, k, v, config, is_causal=False)[0])
 
 
 def test_overlapping_branches_count_a_shared_key_once_per_branch() -> None:
@@ -133,3 +175,59 @@ def test_multiplicity_counts_branches() -> None:
     assert m.shape == (2, 8, 8)
     assert m[0, 0, 0] == 2 and m[0, 0, 1] == 1 and m[0, 0, 4] == 1 and m[0, 0, 5] == 0
     assert m[1, 1, 3] == 2 and m[1, 1, 5] == 1 and m[1, 0, 0] == 1
+
+
+def test_cu_seqlens_are_document_ids() -> None:
+    q, k, v = _qkv(S=20)
+    by_ids = torch.tensor([0] * 7 + [1] * 9 + [2] * 4).expand(2, 20)
+    kwargs = {"is_causal": True, "return_lse": True}
+    expected = dilated_attention_reference(q, k, v, [8, 20], [1, 2], document_ids=by_ids, **kwargs)
+    cu = torch.tensor([0, 7, 16, 20])
+    actual = dilated_attention_reference(q, k, v, [8, 20], [1, 2], cu_seqlens=cu, **kwargs)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_documents_do_not_restart_segments() -> None:
+    """A document starting mid-segment keeps the segment grid of the whole sequence."""
+    q, k, v = _qkv(S=12, H=1)
+    docs = torch.tensor([0] * 5 + [1] * 7).expand(2, 12)
+    out = dilated_attention_reference(q, k, v, [4], [1], document_ids=docs)
+    # position 5 (document 1) lies in segment [4, 8): it sees keys 5, 6, 7 only
+    expected = F.scaled_dot_product_attention(q[:, :, 5:6], k[:, :, 5:8], v[:, :, 5:8])
+    torch.testing.assert_close(out[:, :, 5:6], expected)
+
+
+def test_q_offset_rows_are_rows_of_the_full_sequence() -> None:
+    q, k, v = _qkv(S=23)
+    kwargs = {"is_causal": True, "return_lse": True}
+    full = dilated_attention_reference(q, k, v, [6, 12], [1, 3], **kwargs)
+    last = dilated_attention_reference(q[:, :, 17:], k, v, [6, 12], [1, 3], q_offset=17, **kwargs)
+    for a, b in zip(last, full, strict=True):
+        torch.testing.assert_close(a, b[:, :, 17:])
+
+
+def test_score_mod_sees_absolute_positions_before_the_masks() -> None:
+    q, k, v = _qkv(S=10, H=1)
+    seen = []
+
+    def record(score, b, h, q_idx, kv_idx):
+        seen.append((q_idx.flatten().tolist(), kv_idx.flatten().tolist()))
+        return score
+
+    dilated_attention_reference(q[:, :, 6:], k, v, [4], [2], score_mod=record, q_offset=6)
+    assert seen == [([6, 7, 8, 9], list(range(10)))]
+
+
+@pytest.mark.parametrize("reference", [dilated_attention_reference, dilated_attention_dense])
+def test_rows_that_see_nothing_give_zero_and_finite_gradients(reference) -> None:
+    q, k, v = (x.requires_grad_() for x in _qkv(S=9))
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1] = True  # batch row 1 sees nothing
+    padding[0, :4] = True  # causal rows 0..3 of batch row 0 see nothing
+    out, lse = reference(
+        q, k, v, [9], [1], is_causal=True, key_padding_mask=padding, return_lse=True
+    )
+    assert (out[1] == 0).all() and (out[0, :, :4] == 0).all()
+    assert torch.isinf(lse[1]).all() and torch.isinf(lse[0, :, :4]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
