@@ -101,10 +101,15 @@ def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
 
 
 def _math_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    is_causal: bool,
+    scale: float,
+    q_start: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` ``(B', H, M, D)`` over the first ``kv_count`` ``(B', H)`` keys of
-    ``k``/``v`` ``(B', Hc, M, D)``; returns ``(B', H, M, Dv)`` and lse ``(B', H, M)``."""
+    """As :func:`attend_compact`, by matmul and softmax."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     q_g = rearrange(q.to(work), "b (k g) m d -> b k g m d", g=groups)
@@ -112,7 +117,10 @@ def _math_attention(
     keys = torch.arange(k.shape[2], device=q.device)
     visible = keys < rearrange(kv_count, "b (k g) -> b k g 1 1", g=groups)  # (B', Hk, G, 1, M)
     if is_causal:
-        visible = visible & (keys.view(-1, 1) >= keys)  # (M, M): query row >= key row
+        queries = torch.arange(q.shape[2], device=q.device).view(-1, 1)  # (M_q, 1)
+        if q_start is not None:
+            queries = queries + rearrange(q_start, "b (k g) -> b k g 1 1", g=groups)
+        visible = visible & (keys <= queries)  # query row t stands at key row q_start + t
     probs, lse = softmax_with_lse(scores.masked_fill(~visible, -torch.inf), dim=-1)
     out = torch.einsum("bkgms,bksd->bkgmd", probs, v.to(work))
     return (
@@ -122,15 +130,23 @@ def _math_attention(
 
 
 def _flex_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, is_causal: bool, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    is_causal: bool,
+    scale: float,
+    q_start: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """As :func:`_math_attention`, by FlexAttention with an analytic block mask."""
+    """As :func:`attend_compact`, by FlexAttention with an analytic block mask."""
     rows, cols = prefix_spans(
         kv_count.amin(1),
         kv_count.amax(1),
-        length=q.shape[2],
+        length=k.shape[2],
         block_size=BLOCK_SIZE,
         is_causal=is_causal,
+        q_length=q.shape[2],
+        q_start=None if q_start is None else (q_start.amin(1), q_start.amax(1)),
     )
 
     def valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -139,14 +155,20 @@ def _flex_attention(
     def causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx)
 
-    n = cdiv(q.shape[2], BLOCK_SIZE)
+    def shifted_causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        assert q_start is not None
+        return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx + q_start[b, h])
+
+    mask_mod = valid
+    if is_causal:
+        mask_mod = causal_valid if q_start is None else shifted_causal_valid
     block_mask = block_mask_from_spans(
         rows,
         cols,
         seq_lengths=(q.shape[2], k.shape[2]),
         block_size=BLOCK_SIZE,
-        mask_mod=causal_valid if is_causal else valid,
-        widths=(n, n),
+        mask_mod=mask_mod,
+        widths=(cdiv(k.shape[2], BLOCK_SIZE), cdiv(q.shape[2], BLOCK_SIZE)),
     )
     return _run_flex(q, k, v, block_mask, scale)
 
@@ -182,6 +204,51 @@ def _run_flex(
     return out, aux.lse
 
 
+def attend_compact(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    backend: Backend,
+    q_start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of compact queries ``q`` ``(B', H, M_q, D)`` over the first ``kv_count``
+    ``(B', H)`` compact keys of ``k``/``v`` ``(B', Hc, M, D)``. Query row ``t`` stands at key
+    row ``q_start + t`` (``q_start`` ``(B', H)``, default 0: ``M_q = M``, aligned) and, when
+    causal, sees the keys up to that row. Returns ``(B', H, M_q, D_v)`` and lse ``(B', H, M_q)``.
+    """
+    attend = _flex_attention if backend == "flex" else _math_attention
+    return attend(q, k, v, kv_count, is_causal, scale, q_start)
+
+
+def result_buffers(query: Tensor, value_dim: int) -> tuple[Tensor, Tensor]:
+    """Zero output ``(B, H, S_q + 1, D_v)`` and ``-inf`` lse ``(B, H, S_q + 1)`` in the working
+    dtype, with a spare last row that padding rows of compact batches write to."""
+    B, H, q_len, _ = query.shape
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = query.new_zeros((B, H, q_len + 1, value_dim), dtype=work)
+    return out, query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
+
+
+def merge_rows(
+    out: Tensor, lse: Tensor, q_target: Tensor, o_rows: Tensor, lse_rows: Tensor
+) -> None:
+    """Merge compact results ``(B*N, H, M, D_v)`` and lse ``(B*N, H, M)`` in place into the rows
+    ``q_target`` ``(N, H, M)`` of the :func:`result_buffers` ``out`` and ``lse``."""
+    heads = torch.arange(out.shape[1], device=out.device).view(1, -1, 1)
+    target = (slice(None), heads, q_target)  # (B, N, H, M) rows of out/lse
+    new_out, new_lse = merge_by_lse(
+        [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=out.shape[0])],
+        [lse[target], rearrange(lse_rows, "(b n) h m -> b n h m", b=out.shape[0])],
+        out_dtype=out.dtype,
+    )
+    out[target] = new_out
+    lse[target] = new_lse
+
+
 def branch_attention(
     query: Tensor,
     key: Tensor,
@@ -196,25 +263,17 @@ def branch_attention(
     """Dilated attention by the branch path: ``(B, H, S_q, Dv)`` and lse ``(B, H, S_q)``."""
     B, H, q_len, _ = query.shape
     kv_len, group = key.shape[2], H // key.shape[1]
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
-    lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
-    heads = torch.arange(H, device=query.device).view(1, -1, 1)
-    attend = _flex_attention if backend == "flex" else _math_attention
+    out, lse = result_buffers(query, value.shape[-1])
+    heads = torch.arange(H, device=query.device)
     make = layout if torch.compiler.is_compiling() else _cached_layout
     for (w, r), head_offsets in zip(branches, offsets, strict=True):
         lay = make(w, r, head_offsets, group, q_len, kv_len, query.device)
-        q_rows = _gather(query, heads.view(-1), lay.q_index)
+        q_rows = _gather(query, heads, lay.q_index)
         k_rows = _gather(key, lay.kv_heads, lay.kv_index)
         v_rows = _gather(value, lay.kv_heads, lay.kv_index)
         kv_count = lay.kv_count.repeat(B, 1)  # (B*N, H)
-        o_rows, lse_rows = attend(q_rows, k_rows, v_rows, kv_count, is_causal, scale)
-        target = (slice(None), heads, lay.q_target)  # (B, N, H, M) rows of out/lse
-        new_out, new_lse = merge_by_lse(
-            [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=B)],
-            [lse[target], rearrange(lse_rows, "(b n) h m -> b n h m", b=B)],
-            out_dtype=work,
+        o_rows, lse_rows = attend_compact(
+            q_rows, k_rows, v_rows, kv_count, is_causal=is_causal, scale=scale, backend=backend
         )
-        out[target] = new_out
-        lse[target] = new_lse
+        merge_rows(out, lse, lay.q_target, o_rows, lse_rows)
     return out[:, :, :q_len].to(query.dtype), lse[:, :, :q_len]
