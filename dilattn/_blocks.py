@@ -133,10 +133,12 @@ def union_spans(
     ``[a, z]`` of this axis touches the rows of the other axis that share a segment of some
     branch with it; with ``causal_sign = +1`` (this axis holds queries) only keys starting at
     or before ``z``, with ``-1`` (this axis holds keys) only queries ending at or after ``a``.
-    Full blocks come from one ``r = 1`` branch holding both blocks in one segment (the
-    longest such run); causal full blocks lie strictly off the block diagonal.
+    Full blocks come from an ``r = 1`` branch holding both blocks in one segment; causal full
+    blocks lie strictly off the block diagonal.
     Every branch's interval contains the block at this block's own position, so their union
-    is one interval.
+    is one interval; likewise the full runs of the ``r = 1`` branches (each contains this
+    block's position, or ends or starts next to it when causal), so taking their union, not
+    one of them, keeps the two axes exact transposes.
     """
     bs = block_size
     n_other = cdiv(other_len, bs)
@@ -168,9 +170,10 @@ def union_spans(
             f_hi = torch.minimum(f_hi, blk)
         elif causal_sign < 0:
             f_lo = torch.maximum(f_lo, blk + 1)
-        longer = (first == last) & (f_lo < f_hi) & (f_hi - f_lo > full_hi - full_lo)
-        full_lo = torch.where(longer, f_lo, full_lo)
-        full_hi = torch.where(longer, f_hi, full_hi)
+        run = (first == last) & (f_lo < f_hi)
+        empty = full_lo >= full_hi
+        full_lo = torch.where(run, torch.where(empty, f_lo, torch.minimum(full_lo, f_lo)), full_lo)
+        full_hi = torch.where(run, torch.where(empty, f_hi, torch.maximum(full_hi, f_hi)), full_hi)
     lo = torch.minimum(lo, hi)
     return Spans(*(x.view(1, 1, -1) for x in (lo, hi, full_lo, full_hi)))
 

@@ -34,7 +34,12 @@ BLOCK_SIZE = 128
 # compiles once per (dtype, head counts, head dims, causal). Allow that many variants, and
 # fail loudly past them rather than fall back to eager flex.
 RECOMPILE_LIMIT = 64
-_compiled_flex: Any = torch.compile(flex_attention)
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    """The one compiled flex, made on first use (``torch.compile`` imports dynamo: seconds)."""
+    return torch.compile(flex_attention)
 
 
 class Layout(NamedTuple):
@@ -180,7 +185,7 @@ def _run_flex(
     score); eager (forward only) on CPU."""
     run: Any = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
-        run = _compiled_flex
+        run = _compiled_flex()
     limits = torch._dynamo.config.patch(
         recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
     )

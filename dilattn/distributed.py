@@ -51,6 +51,8 @@ ProcessGroup = dist.ProcessGroup
 
 
 def _check_group(group: object) -> None:
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group gives non-members
+        raise ValueError("this process is not a member of group")
     if group is not None and not isinstance(group, ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {group!r}")
 
