@@ -14,7 +14,12 @@ Three ways in:
 * :func:`dilated_attention` / :class:`DilatedAttention`: the fast branch path, functional or
   as a module;
 * :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
+
+Sequence parallelism across the ranks of a torch.distributed process group:
+:mod:`dilattn.distributed` (its names are also here, imported on first use).
 """
+
+from typing import TYPE_CHECKING
 
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
@@ -22,16 +27,45 @@ from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_ma
 from dilattn.merge import merge_by_lse
 from dilattn.modules import DilatedAttention
 
+if TYPE_CHECKING:
+    from dilattn.distributed import (
+        ParallelDilatedAttention,
+        dilated_attention_parallel,
+        gather_sequence,
+        shard_sequence,
+    )
+
 __all__ = [
     "DilatedAttention",
     "DilatedConfig",
     "FlexMask",
     "HeadOffsets",
+    "ParallelDilatedAttention",
     "dilated_attention",
+    "dilated_attention_parallel",
     "dilated_mask_mod",
     "dilated_score_mod",
     "flex_mask",
+    "gather_sequence",
     "merge_by_lse",
+    "shard_sequence",
 ]
+
+_DISTRIBUTED = {
+    "ParallelDilatedAttention",
+    "dilated_attention_parallel",
+    "gather_sequence",
+    "shard_sequence",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The names of :mod:`dilattn.distributed`, imported on first use: ``import dilattn``
+    does not import torch.distributed's collectives (nor fail where they are missing)."""
+    if name in _DISTRIBUTED:
+        from dilattn import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module 'dilattn' has no attribute {name!r}")
 
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from dilattn.distributed import (
     gather_sequence,
     shard_sequence,
 )
+from dilattn.reference import dilated_attention_reference
 
 WORLD = 4
 
@@ -275,28 +276,27 @@ def test_nccl_bf16_flex_forward_and_backward(tmp_path: Path) -> None:
 
 
 def _gpu_worker(rank: int, world: int, out_dir: str) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
     torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl", init_method=f"file://{out_dir}/store", rank=rank, world_size=world
-    )
-    segments, rates = (256, 1024, 4096), (1, 4, 6)  # 4096 spans ranks at 1536 per rank
+    store = f"file://{out_dir}/store"
+    dist.init_process_group("nccl", init_method=store, rank=rank, world_size=world)
+    segments, rates = (256, 1024, 4096), (1, 4, 6)  # 1024 and 4096 span the 1536-row chunks
     S = 1536 * world - 5
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(1, 4, S, 64, generator=gen) for _ in range(3)]
-    grad = torch.randn(1, 4, S, 64, generator=gen)
+    grad = torch.randn(1, 4, S, 64, generator=gen).cuda()
     for is_causal in (False, True):
+        kwargs = {"is_causal": is_causal}
         exact = [x.double().cuda().requires_grad_() for x in full]
         low = [x.bfloat16().cuda().requires_grad_() for x in full]
-        local = [shard_sequence(x.bfloat16().cuda()).requires_grad_() for x in full]
-        out = dilated_attention_parallel(*local, segments, rates, seq_len=S, is_causal=is_causal)
-        truth = dilated_attention(*exact, segments, rates, is_causal=is_causal, backend="math")
-        base = dilated_attention(*low, segments, rates, is_causal=is_causal)
+        local = [shard_sequence(x.detach()).requires_grad_() for x in low]
+        out = dilated_attention_parallel(*local, segments, rates, seq_len=S, **kwargs)
+        truth = dilated_attention_reference(*exact, segments, rates, **kwargs)
+        base = dilated_attention_reference(*low, segments, rates, **kwargs)
         assert_within_budget(out, shard_sequence(base), shard_sequence(truth))
-        g = grad.cuda()
-        grads = torch.autograd.grad(out, local, shard_sequence(g.bfloat16()))
-        truths = torch.autograd.grad(truth, exact, g.double())
-        bases = torch.autograd.grad(base, low, g.bfloat16())
+        grads = torch.autograd.grad(out, local, shard_sequence(grad.bfloat16()))
+        truths = torch.autograd.grad(truth, exact, grad.double())
+        bases = torch.autograd.grad(base, low, grad.bfloat16())
         for mine, b, t in zip(grads, bases, truths, strict=True):
             assert_within_budget(mine, shard_sequence(b), shard_sequence(t), factor=4.0)
     dist.destroy_process_group()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Case, assert_within_budget, requires_cuda
+from conftest import Case, assert_within_budget, requires_cuda, run_ranks
 from torch.nn.attention.flex_attention import flex_attention
 
-from dilattn import dilated_attention, flex_mask
+from dilattn import DilatedConfig, dilated_attention, flex_mask
 from dilattn.reference import dilated_attention_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -88,3 +88,27 @@ def test_changing_lengths_do_not_fall_back_to_eager() -> None:
         q, k, v = (torch.randn(1, 4, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         out = dilated_attention(q, k, v, (1024, 2048, 4096), (1, 2, 4), is_causal=True)
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sequence_parallel_ranks_compiled_flex_bf16(is_causal: bool) -> None:
+    # 4 ranks in this process (the all-to-all by split and cat): 256 is local to the 768-row
+    # chunks, 1024 and 4096 span ranks (compact queries offset into their segments)
+    config = DilatedConfig((256, 1024, 4096), (1, 4, 6))
+    S = 4 * 768 - 2
+    (q64, k64, v64), (q, k, v) = Case(
+        config.segment_lengths, config.dilation_rates, 1, 4, 2, S, S, 64, 64, is_causal, "cyclic"
+    ).inputs(torch.bfloat16, device="cuda", requires_grad=True)
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, _ = run_ranks(q, k, v, config, world=4, is_causal=is_causal, backend="flex")
+    args = (config.segment_lengths, config.dilation_rates)
+    kwargs = {"is_causal": is_causal, "enable_gqa": True}
+    truth = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
+    baseline = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
+    assert_within_budget(out, baseline, truth)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    baselines = torch.autograd.grad(baseline, (qb, kb, vb), grad)
+    for g, b, t in zip(grads, baselines, truths, strict=True):
+        assert_within_budget(g, b, t, factor=4.0)
