@@ -68,4 +68,5 @@ def __getattr__(name: str) -> object:
         return getattr(distributed, name)
     raise AttributeError(f"module 'dilattn' has no attribute {name!r}")
 
+
 __version__ = "0.1.0"

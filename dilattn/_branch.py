@@ -229,20 +229,13 @@ def attend_compact(
     return attend(q, k, v, kv_count, is_causal, scale, q_start)
 
 
-def result_buffers(query: Tensor, value_dim: int) -> tuple[Tensor, Tensor]:
-    """Zero output ``(B, H, S_q + 1, D_v)`` and ``-inf`` lse ``(B, H, S_q + 1)`` in the working
-    dtype, with a spare last row that padding rows of compact batches write to."""
-    B, H, q_len, _ = query.shape
-    work = torch.float64 if query.dtype == torch.float64 else torch.float32
-    out = query.new_zeros((B, H, q_len + 1, value_dim), dtype=work)
-    return out, query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
-
-
 def merge_rows(
     out: Tensor, lse: Tensor, q_target: Tensor, o_rows: Tensor, lse_rows: Tensor
 ) -> None:
     """Merge compact results ``(B*N, H, M, D_v)`` and lse ``(B*N, H, M)`` in place into the rows
-    ``q_target`` ``(N, H, M)`` of the :func:`result_buffers` ``out`` and ``lse``."""
+    ``q_target`` ``(N, H, M)`` of ``out`` ``(B, H_out, S + 1, D_v)`` and ``lse``
+    ``(B, H_out, S + 1)`` (``H_out`` is ``H``, or 1 to merge all heads into one row list; the
+    spare last row takes the padding rows)."""
     heads = torch.arange(out.shape[1], device=out.device).view(1, -1, 1)
     target = (slice(None), heads, q_target)  # (B, N, H, M) rows of out/lse
     new_out, new_lse = merge_by_lse(
@@ -268,7 +261,9 @@ def branch_attention(
     """Dilated attention by the branch path: ``(B, H, S_q, Dv)`` and lse ``(B, H, S_q)``."""
     B, H, q_len, _ = query.shape
     kv_len, group = key.shape[2], H // key.shape[1]
-    out, lse = result_buffers(query, value.shape[-1])
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
+    lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
     heads = torch.arange(H, device=query.device)
     make = layout if torch.compiler.is_compiling() else _cached_layout
     for (w, r), head_offsets in zip(branches, offsets, strict=True):

@@ -27,20 +27,15 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
 from dilattn._blocks import cdiv
-from dilattn._branch import (
-    Backend,
-    _gather,
-    attend_compact,
-    layout,
-    merge_rows,
-    result_buffers,
-)
+from dilattn._branch import Backend, _gather, attend_compact, layout, merge_rows
 from dilattn.config import DilatedConfig
 from dilattn.functional import dilated_attention
+from dilattn.merge import merge_by_lse
 
 
 class Rows(NamedTuple):
@@ -54,7 +49,7 @@ class SpanningBranch(NamedTuple):
     """One spanning branch as one rank computes it."""
 
     q_index: Tensor  # (N, H, M_q) local positions of the compact queries, clamped into [0, C)
-    q_target: Tensor  # (N, H, M_q) the same, with padding rows sent to the spare row C
+    q_target: Tensor  # (N, H, M_q) their rows in Plan.targets; padding rows: len(targets)
     q_start: Tensor  # (N, H) compact row (in its segment) of the first query of this rank
     kv_index: Tensor  # (N, Hc, M) rows of the pool holding the compact keys/values
     kv_count: Tensor  # (N, H) int32: compact keys [0, kv_count) are real
@@ -70,6 +65,7 @@ class Plan(NamedTuple):
     send_splits: tuple[int, ...]  # (W,) rows sent to each rank
     recv_splits: tuple[int, ...]  # (W,) rows received from each rank
     pool_local: Rows  # this rank's rows at the head of the pool
+    targets: Rows  # the (head, position) query rows some spanning branch writes, sorted
     valid: int  # positions of this rank before the sequence end (C less padding)
 
 
@@ -168,6 +164,7 @@ def plan(
     needs: list[Tensor] = []  # per rank: the row ids it needs, sorted
     mine: list[_View] = []
     with torch.inference_mode(False):  # usable later with autograd too
+        empty = torch.zeros(0, dtype=torch.long, device=device)
         for d in range(world):
             views = [
                 _view(
@@ -183,9 +180,7 @@ def plan(
                 for b in spanning
             ]
             seen = [v for v in views if v is not None]
-            ids = [v.row_id[v.needed] for v in seen]
-            empty = torch.zeros(0, dtype=torch.long, device=device)
-            needs.append(torch.unique(torch.cat(ids)) if ids else empty)
+            needs.append(torch.unique(torch.cat([empty] + [v.row_id[v.needed] for v in seen])))
             mine = seen if d == rank else mine
         owned = [x // per_rank == rank for x in needs]  # rows of this rank in each rank's needs
         sends = [
@@ -194,8 +189,11 @@ def plan(
         ]
         remote = needs[rank][~owned[rank]]  # received in this order: by owner, then row
         local_rows = needs[rank][owned[rank]] - rank * per_rank
+        heads = torch.arange(num_heads, device=device).view(1, -1, 1)
+        q_ids = [(heads * chunk + v.q_target, v.q_target < chunk) for v in mine]  # head * C + p
+        targets = torch.unique(torch.cat([empty] + [ids[real] for ids, real in q_ids]))
         branches = []
-        for v in mine:
+        for v, (ids, real) in zip(mine, q_ids, strict=True):
             pool_row = torch.where(
                 v.row_id // per_rank == rank,
                 torch.searchsorted(local_rows, v.row_id - rank * per_rank),
@@ -204,7 +202,7 @@ def plan(
             branches.append(
                 SpanningBranch(
                     q_index=v.q_index,
-                    q_target=v.q_target,
+                    q_target=torch.where(real, torch.searchsorted(targets, ids), len(targets)),
                     q_start=v.q_start,
                     kv_index=torch.where(v.needed, pool_row, 0),
                     kv_count=v.kv_count,
@@ -219,6 +217,7 @@ def plan(
             send_splits=tuple(len(x) for x in sends),
             recv_splits=tuple(int((remote_owner == s).sum()) for s in range(world)),
             pool_local=_rows(local_rows, chunk),
+            targets=_rows(targets, chunk),
             valid=max(0, min(chunk, seq_len - rank * chunk)),
         )
 
@@ -246,12 +245,12 @@ def attend_chunk(
     """This rank's dilated attention, ``(B, H, C, D_v)`` and lse ``(B, H, C)``, given the rows
     ``received`` ``(R, B, D + D_v)`` from its peers (as :attr:`Plan.recv_splits` says)."""
     B, H, C, D = query.shape
-    valid = slice(0, plan.valid)
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
     if plan.local and plan.valid:
-        local_out, local_lse = dilated_attention(
-            query[:, :, valid],
-            key[:, :, valid],
-            value[:, :, valid],
+        out, lse = dilated_attention(
+            query[:, :, : plan.valid],
+            key[:, :, : plan.valid],
+            value[:, :, : plan.valid],
             [config.segment_lengths[b] for b in plan.local],
             [config.dilation_rates[b] for b in plan.local],
             is_causal=is_causal,
@@ -261,30 +260,41 @@ def attend_chunk(
             head_offsets=config.head_offsets,
             backend=backend,
         )
-        if not plan.exchange and plan.valid == C:  # the single-device path, as it is
-            return local_out, local_lse
-    out, lse = result_buffers(query, value.shape[-1])
-    if plan.local and plan.valid:
-        out[:, :, valid] = local_out.to(out.dtype)
-        lse[:, :, valid] = local_lse
-    if plan.exchange and not plan.spanning:
-        # the peers' backward runs the all-to-all's backward: this rank must join it
-        out = out + received[:0].sum()
-    if plan.spanning:
-        pool = torch.cat([take_rows(key, value, plan.pool_local), received])  # (P, B, E)
-        pool_b = rearrange(pool, "p b e -> b p e")
-        heads = torch.arange(H, device=query.device)
-        for branch in plan.spanning:
-            kv = rearrange(pool_b[:, branch.kv_index], "b n h m e -> (b n) h m e")
-            o_rows, lse_rows = attend_compact(
-                _gather(query, heads, branch.q_index),
-                kv[..., :D],
-                kv[..., D:],
-                branch.kv_count.repeat(B, 1),
-                is_causal=is_causal,
-                scale=scale,
-                backend=backend,
-                q_start=branch.q_start.repeat(B, 1),
-            )
-            merge_rows(out, lse, branch.q_target, o_rows, lse_rows)
-    return out[:, :, :C].to(query.dtype), lse[:, :, :C]
+        if plan.valid < C:  # padding rows: 0, lse -inf
+            out = F.pad(out, (0, 0, 0, C - plan.valid))
+            lse = F.pad(lse, (0, C - plan.valid), value=-torch.inf)
+    else:
+        out = query.new_zeros((B, H, C, value.shape[-1]))
+        lse = query.new_full((B, H, C), -torch.inf, dtype=work)
+    if not plan.spanning:
+        # peers run the all-to-all's backward: this rank must join it, so depend on `received`
+        return (out + received[:0].sum(), lse) if plan.exchange else (out, lse)
+    # spanning branches merge into a compact list of the rows they write (+ a spare row)...
+    span_out = query.new_zeros((B, 1, len(plan.targets.heads) + 1, value.shape[-1]), dtype=work)
+    span_lse = query.new_full((B, 1, len(plan.targets.heads) + 1), -torch.inf, dtype=work)
+    pool = rearrange(
+        torch.cat([take_rows(key, value, plan.pool_local), received]), "p b e -> b p e"
+    )  # (B, P, D + D_v)
+    heads = torch.arange(H, device=query.device)
+    for branch in plan.spanning:
+        kv = rearrange(pool[:, branch.kv_index], "b n h m e -> (b n) h m e")
+        o_rows, lse_rows = attend_compact(
+            _gather(query, heads, branch.q_index),
+            kv[..., :D],
+            kv[..., D:],
+            branch.kv_count.repeat(B, 1),
+            is_causal=is_causal,
+            scale=scale,
+            backend=backend,
+            q_start=branch.q_start.repeat(B, 1),
+        )
+        merge_rows(span_out, span_lse, branch.q_target, o_rows, lse_rows)
+    # ... which then merges into those rows of the local result
+    rows = (slice(None), plan.targets.heads, plan.targets.positions)
+    merged_out, merged_lse = merge_by_lse(
+        [out[rows], span_out[:, 0, :-1]], [lse[rows], span_lse[:, 0, :-1]], out_dtype=out.dtype
+    )
+    out, lse = out.clone(), lse.clone()
+    out[rows] = merged_out
+    lse[rows] = merged_lse
+    return out, lse
