@@ -37,9 +37,14 @@ RECOMPILE_LIMIT = 64
 
 
 @functools.cache
-def _compiled_flex() -> Any:
-    """The one compiled flex, made on first use (``torch.compile`` imports dynamo: seconds)."""
+def _compile_flex() -> Any:
     return torch.compile(flex_attention)
+
+
+def _compiled_flex(*args: Any, **kwargs: Any) -> Any:
+    """The one compiled flex, compiled on first use: ``torch.compile`` imports dynamo, which
+    would add seconds to ``import dilattn``."""
+    return _compile_flex()(*args, **kwargs)
 
 
 class Layout(NamedTuple):
@@ -185,7 +190,7 @@ def _run_flex(
     score); eager (forward only) on CPU."""
     run: Any = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
-        run = _compiled_flex()
+        run = _compiled_flex
     limits = torch._dynamo.config.patch(
         recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
     )
