@@ -39,7 +39,8 @@ from dilattn.merge import merge_by_lse
 
 
 class Rows(NamedTuple):
-    """Rows of a rank's keys/values: ``key[:, heads[i], positions[i]]``, ``(R,)`` each."""
+    """Rows of a rank's ``(B, H, C, D)`` tensor: ``x[:, heads[i], positions[i]]``, ``(R,)``
+    each."""
 
     heads: Tensor
     positions: Tensor
@@ -72,8 +73,8 @@ class Plan(NamedTuple):
 class _View(NamedTuple):
     """A spanning branch seen from one rank: its queries there and the key rows it needs."""
 
-    q_index: Tensor
-    q_target: Tensor
+    q_index: Tensor  # as SpanningBranch
+    q_target: Tensor  # (N, H, M_q) local positions of the queries; padding rows: C
     q_start: Tensor
     kv_count: Tensor
     row_id: Tensor  # (N, Hc, M) key rows as owner * H_kv * C + kv_head * C + local position
