@@ -17,8 +17,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "dilattn", "tests", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "dilattn", "tests", "examples", "noxfile.py")
+    paths = ["dilattn", "tests", "examples", "benchmarks", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session

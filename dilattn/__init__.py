@@ -20,7 +20,12 @@ Three ways in:
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
 positions; the functional path and the reference also take ``q_offset`` (decoding).
+
+Sequence parallelism across the ranks of a torch.distributed process group:
+:mod:`dilattn.distributed` (its names are also here, imported on first use).
 """
+
+from typing import TYPE_CHECKING
 
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
@@ -37,6 +42,14 @@ from dilattn.positions import (
     xpos_limit,
 )
 
+if TYPE_CHECKING:
+    from dilattn.distributed import (
+        ParallelDilatedAttention,
+        dilated_attention_parallel,
+        gather_sequence,
+        shard_sequence,
+    )
+
 __all__ = [
     "DilatedAttention",
     "DilatedConfig",
@@ -44,18 +57,40 @@ __all__ = [
     "HeadOffsets",
     "KVCache",
     "MultiheadDilatedAttention",
+    "ParallelDilatedAttention",
     "Position",
     "T5RelativeBias",
     "alibi_score_mod",
     "alibi_slopes",
     "dilated_attention",
+    "dilated_attention_parallel",
     "dilated_mask_mod",
     "dilated_score_mod",
     "flex_mask",
+    "gather_sequence",
     "merge_by_lse",
     "rotary",
+    "shard_sequence",
     "xpos",
     "xpos_limit",
 ]
+
+_DISTRIBUTED = {
+    "ParallelDilatedAttention",
+    "dilated_attention_parallel",
+    "gather_sequence",
+    "shard_sequence",
+}
+
+
+def __getattr__(name: str) -> object:
+    """The names of :mod:`dilattn.distributed`, imported on first use: ``import dilattn``
+    does not import torch.distributed's collectives (nor fail where they are missing)."""
+    if name in _DISTRIBUTED:
+        from dilattn import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module 'dilattn' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"

@@ -187,28 +187,55 @@ def union_width(branches: Sequence[tuple[int, int]], block_size: int) -> int:
 
 
 def prefix_spans(
-    valid_lo: Tensor, valid_hi: Tensor, *, length: int, block_size: int, is_causal: bool
+    valid_lo: Tensor,
+    valid_hi: Tensor,
+    *,
+    length: int,
+    block_size: int,
+    is_causal: bool,
+    q_length: int | None = None,
+    q_start: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Spans, Spans]:
-    """Row and column spans of attention over ``length`` rows where, for batch row ``b``, the
-    keys ``[0, valid)`` are visible with ``valid`` between ``valid_lo[b]`` and ``valid_hi[b]``
-    over the heads (and, when causal, only keys at or before the query). ``(B, 1, n)`` each."""
+    """Row and column spans of attention of ``q_length`` query rows (default ``length``) over
+    ``length`` keys where, for batch row ``b``, the keys ``[0, valid)`` are visible with
+    ``valid`` between ``valid_lo[b]`` and ``valid_hi[b]`` over the heads and, when causal, only
+    keys at or before the query. Query row ``t`` stands at key row ``start + t``, ``start``
+    between ``q_start = (lo[b], hi[b])`` over the heads (default 0). ``(B, 1, n)`` each."""
     bs = block_size
-    n = cdiv(length, bs)
-    blk = torch.arange(n, device=valid_lo.device).view(1, 1, -1)
+    q_length = length if q_length is None else q_length
+    n_q, n_kv = cdiv(q_length, bs), cdiv(length, bs)
+    start_lo: Tensor | int = 0
+    start_hi: Tensor | int = 0
+    if q_start is not None:
+        start_lo, start_hi = (x.view(-1, 1, 1) for x in q_start)
+    q_blk = torch.arange(n_q, device=valid_lo.device).view(1, 1, -1)
+    kv_blk = torch.arange(n_kv, device=valid_lo.device).view(1, 1, -1)
     touch_hi = ((valid_hi + bs - 1) // bs).view(-1, 1, 1)  # key blocks with a visible key
-    full_hi = torch.where(valid_lo == length, n, valid_lo // bs).view(-1, 1, 1)  # all visible
-    zero = torch.zeros_like(blk)
-    if is_causal:
-        rows = Spans(zero, torch.minimum(touch_hi, blk + 1), zero, torch.minimum(full_hi, blk))
+    full_hi = torch.where(valid_lo == length, n_kv, valid_lo // bs).view(-1, 1, 1)  # all visible
+    zero_q, zero_kv = torch.zeros_like(q_blk), torch.zeros_like(kv_blk)
+    if not is_causal:
+        rows = Spans(zero_q, touch_hi, zero_q, full_hi)
         cols = Spans(
-            blk,
-            torch.where(blk < touch_hi, n, blk),
-            blk + 1,
-            torch.where(blk < full_hi, n, blk + 1),
+            zero_kv,
+            torch.where(kv_blk < touch_hi, n_q, 0),
+            zero_kv,
+            torch.where(kv_blk < full_hi, n_q, 0),
         )
-    else:
-        rows = Spans(zero, touch_hi, zero, full_hi)
-        cols = Spans(
-            zero, torch.where(blk < touch_hi, n, 0), zero, torch.where(blk < full_hi, n, 0)
-        )
+        return rows, cols
+    # query block i holds rows [i*bs, i*bs + bs); key block j is touched when its first key is
+    # at or before the block's last query, full when its last key is at or before the first
+    rows = Spans(
+        zero_q,
+        torch.minimum(touch_hi, (start_hi + q_blk * bs + bs - 1) // bs + 1),
+        zero_q,
+        torch.minimum(full_hi, (start_lo + q_blk * bs + 1) // bs),
+    )
+    first_q = torch.clamp((kv_blk * bs - start_hi) // bs, 0, n_q)
+    full_q = torch.clamp((kv_blk * bs + 2 * bs - 2 - start_lo) // bs, 0, n_q)  # ceil
+    cols = Spans(
+        first_q,
+        torch.where(kv_blk < touch_hi, n_q, first_q),
+        full_q,
+        torch.where(kv_blk < full_hi, n_q, full_q),
+    )
     return rows, cols

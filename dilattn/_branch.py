@@ -47,7 +47,17 @@ BLOCK_SIZE = 128
 # compiles once per (dtype, head counts, head dims, causal). Allow that many variants, and
 # fail loudly past them rather than fall back to eager flex.
 RECOMPILE_LIMIT = 64
-_compiled_flex: Any = torch.compile(flex_attention)
+
+
+@functools.cache
+def _compile_flex() -> Any:
+    return torch.compile(flex_attention)
+
+
+def _compiled_flex(*args: Any, **kwargs: Any) -> Any:
+    """The one compiled flex, compiled on first use: ``torch.compile`` imports dynamo, which
+    would add seconds to ``import dilattn``."""
+    return _compile_flex()(*args, **kwargs)
 
 
 class PositionMods(NamedTuple):
@@ -171,10 +181,10 @@ def _math_attention(
     scale: float,
     mods: PositionMods,
     dropout_p: float,
+    q_start: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention of ``q`` ``(B', H, M, D)`` over the first ``kv_count`` ``(B', H)`` keys of
-    ``k``/``v`` ``(B', Hc, M, D)``, with ``mods`` on compact indices and dropout on the
-    probabilities; returns ``(B', H, M, Dv)`` and lse ``(B', H, M)``."""
+    """As :func:`attend_compact`, by matmul and softmax, with ``mods`` on compact indices and
+    dropout on the probabilities."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     q_g = rearrange(q.to(work), "b (k g) m d -> b k g m d", g=groups)
@@ -182,7 +192,10 @@ def _math_attention(
     keys = torch.arange(k.shape[2], device=q.device)
     visible = keys < rearrange(kv_count, "b (k g) -> b k g 1 1", g=groups)  # (B', Hk, G, 1, M)
     if is_causal:
-        visible = visible & (keys.view(-1, 1) >= keys)  # (M, M): query row >= key row
+        queries = torch.arange(q.shape[2], device=q.device).view(-1, 1)  # (M_q, 1)
+        if q_start is not None:
+            queries = queries + rearrange(q_start, "b (k g) -> b k g 1 1", g=groups)
+        visible = visible & (keys <= queries)  # query row t stands at key row q_start + t
     if mods.mask_mod is not None or mods.score_mod is not None:
         b, h, q_idx, kv_idx = (
             torch.arange(n, device=q.device).view(shape)
@@ -217,15 +230,18 @@ def _flex_attention(
     is_causal: bool,
     scale: float,
     mods: PositionMods,
+    q_start: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """As :func:`_math_attention` (without dropout), by FlexAttention with an analytic block
+    """As :func:`attend_compact` (without dropout), by FlexAttention with an analytic block
     mask. A ``mask_mod`` in ``mods`` makes every touched block partial, so it runs on all."""
     rows, cols = prefix_spans(
         kv_count.amin(1),
         kv_count.amax(1),
-        length=q.shape[2],
+        length=k.shape[2],
         block_size=BLOCK_SIZE,
         is_causal=is_causal,
+        q_length=q.shape[2],
+        q_start=None if q_start is None else (q_start.amin(1), q_start.amax(1)),
     )
 
     def valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -234,18 +250,23 @@ def _flex_attention(
     def causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx)
 
-    mask_mod: _mask_mod_signature = causal_valid if is_causal else valid
+    def shifted_causal_valid(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        assert q_start is not None
+        return (kv_idx < kv_count[b, h]) & (kv_idx <= q_idx + q_start[b, h])
+
+    mask_mod: _mask_mod_signature = valid
+    if is_causal:
+        mask_mod = causal_valid if q_start is None else shifted_causal_valid
     if mods.mask_mod is not None:
         mask_mod = and_masks(mask_mod, mods.mask_mod)
         rows, cols = rows.without_full(), cols.without_full()
-    n = cdiv(q.shape[2], BLOCK_SIZE)
     block_mask = block_mask_from_spans(
         rows,
         cols,
         seq_lengths=(q.shape[2], k.shape[2]),
         block_size=BLOCK_SIZE,
         mask_mod=mask_mod,
-        widths=(n, n),
+        widths=(cdiv(k.shape[2], BLOCK_SIZE), cdiv(q.shape[2], BLOCK_SIZE)),
     )
     return _run_flex(q, k, v, block_mask, scale, mods.score_mod)
 
@@ -286,6 +307,48 @@ def _run_flex(
     return out, aux.lse
 
 
+def attend_compact(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    backend: Backend,
+    q_start: Tensor | None = None,
+    mods: PositionMods = NO_MODS,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Attention of compact queries ``q`` ``(B', H, M_q, D)`` over the first ``kv_count``
+    ``(B', H)`` compact keys of ``k``/``v`` ``(B', Hc, M, D)``. Query row ``t`` stands at key
+    row ``q_start + t`` (``q_start`` ``(B', H)``, default 0: ``M_q = M``, aligned) and, when
+    causal, sees the keys up to that row; ``mods`` act on compact indices, ``dropout_p`` on
+    the probabilities (math only). Returns ``(B', H, M_q, D_v)`` and lse ``(B', H, M_q)``.
+    """
+    if backend == "flex":
+        return _flex_attention(q, k, v, kv_count, is_causal, scale, mods, q_start)
+    return _math_attention(q, k, v, kv_count, is_causal, scale, mods, dropout_p, q_start)
+
+
+def merge_rows(
+    out: Tensor, lse: Tensor, q_target: Tensor, o_rows: Tensor, lse_rows: Tensor
+) -> None:
+    """Merge compact results ``(B*N, H, M, D_v)`` and lse ``(B*N, H, M)`` in place into the rows
+    ``q_target`` ``(N, H, M)`` of ``out`` ``(B, H_out, S + 1, D_v)`` and ``lse``
+    ``(B, H_out, S + 1)`` (``H_out`` is ``H``, or 1 to merge all heads into one row list; the
+    spare last row takes the padding rows)."""
+    heads = torch.arange(out.shape[1], device=out.device).view(1, -1, 1)
+    target = (slice(None), heads, q_target)  # (B, N, H, M) rows of out/lse
+    new_out, new_lse = merge_by_lse(
+        [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=out.shape[0])],
+        [lse[target], rearrange(lse_rows, "(b n) h m -> b n h m", b=out.shape[0])],
+        out_dtype=out.dtype,
+    )
+    out[target] = new_out
+    lse[target] = new_lse
+
+
 def branch_attention(
     query: Tensor,
     key: Tensor,
@@ -308,28 +371,26 @@ def branch_attention(
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
     lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
-    heads = torch.arange(H, device=query.device).view(1, -1, 1)
-    attend: Any = (
-        _flex_attention
-        if backend == "flex"
-        else functools.partial(_math_attention, dropout_p=dropout_p)
-    )
+    heads = torch.arange(H, device=query.device)
     make = layout if torch.compiler.is_compiling() else _cached_layout
     has_mods = mods.mask_mod is not None or mods.score_mod is not None
     for (w, r), head_offsets in zip(branches, offsets, strict=True):
         lay = make(w, r, head_offsets, group, q_len, kv_len, q_offset, query.device)
-        q_rows = _gather(query, heads.view(-1), lay.q_index)
+        q_rows = _gather(query, heads, lay.q_index)
         k_rows = _gather(key, lay.kv_heads, lay.kv_index)
         v_rows = _gather(value, lay.kv_heads, lay.kv_index)
         kv_count = lay.kv_count.repeat(B, 1)  # (B*N, H)
         compact = _compact_mods(mods, lay, q_offset, H) if has_mods else mods
-        o_rows, lse_rows = attend(q_rows, k_rows, v_rows, kv_count, is_causal, scale, compact)
-        target = (slice(None), heads, lay.q_target)  # (B, N, H, M) rows of out/lse
-        new_out, new_lse = merge_by_lse(
-            [out[target], rearrange(o_rows, "(b n) h m d -> b n h m d", b=B)],
-            [lse[target], rearrange(lse_rows, "(b n) h m -> b n h m", b=B)],
-            out_dtype=work,
+        o_rows, lse_rows = attend_compact(
+            q_rows,
+            k_rows,
+            v_rows,
+            kv_count,
+            is_causal=is_causal,
+            scale=scale,
+            backend=backend,
+            mods=compact,
+            dropout_p=dropout_p,
         )
-        out[target] = new_out
-        lse[target] = new_lse
+        merge_rows(out, lse, lay.q_target, o_rows, lse_rows)
     return out[:, :, :q_len].to(query.dtype), lse[:, :, :q_len]

@@ -241,3 +241,58 @@ def module_reference(
     if m.norm is not None:
         out = norm(m.norm, out)
     return linear(m.out_proj, out)
+
+
+def run_ranks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config,
+    *,
+    world: int,
+    is_causal: bool,
+    backend: str = "math",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank of a sequence-parallel run in this process, the all-to-all done by split and
+    cat: the whole ``(B, H, S, D_v)`` output and lse, differentiable like the real thing."""
+    from dilattn import _sequence_parallel as sp
+
+    S = query.shape[2]
+    chunk = -(-S // world)
+    pad = [torch.nn.functional.pad(x, (0, 0, 0, chunk * world - S)) for x in (query, key, value)]
+    chunks = [[x[:, :, i * chunk : (i + 1) * chunk] for x in pad] for i in range(world)]
+    plans = [
+        sp.plan(
+            config,
+            num_heads=query.shape[1],
+            kv_heads=key.shape[1],
+            chunk=chunk,
+            world=world,
+            rank=i,
+            seq_len=S,
+            is_causal=is_causal,
+            device=query.device,
+        )
+        for i in range(world)
+    ]
+    for s in range(world):  # what s sends to d is what d expects from s
+        assert [p.recv_splits[s] for p in plans] == list(plans[s].send_splits)
+    sent = [
+        sp.take_rows(k, v, p.send).split(list(p.send_splits))
+        for (_, k, v), p in zip(chunks, plans, strict=True)
+    ]
+    results = [
+        sp.attend_chunk(
+            *chunks[d],
+            torch.cat([sent[s][d] for s in range(world)]),
+            config,
+            plans[d],
+            is_causal=is_causal,
+            scale=query.shape[-1] ** -0.5,
+            enable_gqa=query.shape[1] != key.shape[1],
+            backend=backend,  # type: ignore[arg-type]
+        )
+        for d in range(world)
+    ]
+    out = torch.cat([o for o, _ in results], 2)[:, :, :S]
+    return out, torch.cat([lse for _, lse in results], 2)[:, :, :S]

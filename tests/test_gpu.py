@@ -9,10 +9,11 @@ import copy
 
 import pytest
 import torch
-from conftest import Case, assert_within_budget, module_reference, requires_cuda
+from conftest import Case, assert_within_budget, module_reference, requires_cuda, run_ranks
 from torch.nn.attention.flex_attention import flex_attention
 
 from dilattn import (
+    DilatedConfig,
     MultiheadDilatedAttention,
     T5RelativeBias,
     alibi_score_mod,
@@ -263,3 +264,27 @@ def test_decoding_on_cuda_equals_the_full_forward(position: str) -> None:
         outs = [m(x[:, :200], x[:, :200], x[:, :200], kv_cache=cache)[0]]
         outs += [m(*(x[:, t : t + 1],) * 3, kv_cache=cache)[0] for t in range(200, 300)]
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sequence_parallel_ranks_compiled_flex_bf16(is_causal: bool) -> None:
+    # 4 ranks in this process (the all-to-all by split and cat): 256 is local to the 768-row
+    # chunks, 1024 and 4096 span ranks (compact queries offset into their segments)
+    config = DilatedConfig((256, 1024, 4096), (1, 4, 6))
+    S = 4 * 768 - 2
+    (q64, k64, v64), (q, k, v) = Case(
+        config.segment_lengths, config.dilation_rates, 1, 4, 2, S, S, 64, 64, is_causal, "cyclic"
+    ).inputs(torch.bfloat16, device="cuda", requires_grad=True)
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out, _ = run_ranks(q, k, v, config, world=4, is_causal=is_causal, backend="flex")
+    args = (config.segment_lengths, config.dilation_rates)
+    kwargs = {"is_causal": is_causal, "enable_gqa": True}
+    truth = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
+    baseline = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
+    assert_within_budget(out, baseline, truth)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    baselines = torch.autograd.grad(baseline, (qb, kb, vb), grad)
+    for g, b, t in zip(grads, baselines, truths, strict=True):
+        assert_within_budget(g, b, t, factor=4.0)

@@ -158,25 +158,39 @@ def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
     length=st.integers(1, 40),
     block_size=st.sampled_from([2, 4, 8]),
     is_causal=st.booleans(),
+    offset=st.one_of(st.none(), st.tuples(st.integers(1, 40), st.integers(0, 30))),
 )
-def test_prefix_block_mask_is_sound_and_tight(counts, length, block_size, is_causal) -> None:
+def test_prefix_block_mask_is_sound_and_tight(
+    counts, length, block_size, is_causal, offset
+) -> None:
     count = torch.tensor(counts).clamp(max=length)  # (B, H): keys [0, count) are visible
+    # queries: rows [0, length), or q_length rows standing at key rows start + t (start per head)
+    q_length, shift = offset if offset is not None else (length, 0)
+    start = (torch.arange(count.numel()).view(count.shape) * 7 + shift) % (shift + 1)
     rows, cols = prefix_spans(
-        count.amin(1), count.amax(1), length=length, block_size=block_size, is_causal=is_causal
+        count.amin(1),
+        count.amax(1),
+        length=length,
+        block_size=block_size,
+        is_causal=is_causal,
+        q_length=q_length,
+        q_start=(start.amin(1), start.amax(1)) if offset is not None else None,
     )
     bm = block_mask_from_spans(
         rows,
         cols,
-        seq_lengths=(length, length),
+        seq_lengths=(q_length, length),
         block_size=block_size,
         mask_mod=lambda b, h, q, kv: kv < count[b, h],
-        widths=(length, length),
+        widths=(length, q_length),
     )
-    keys = torch.arange(length)
-    visible = (keys < count[..., None, None]).expand(*count.shape, length, length)
+    keys, queries = torch.arange(length), torch.arange(q_length).view(-1, 1)
+    visible = (keys < count[..., None, None]).expand(*count.shape, q_length, length)
     if is_causal:
-        visible = visible & (keys.view(-1, 1) >= keys)
-    _check_block_mask(bm, visible, block_size, tight_touched=True, tight_full=not is_causal)
+        visible = visible & (keys <= queries + start[..., None, None])
+    _check_block_mask(
+        bm, visible, block_size, tight_touched=offset is None, tight_full=not is_causal
+    )
 
 
 def test_one_line_mask_stays_small_at_a_million_tokens() -> None:
