@@ -27,9 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from dilattn import _graphs
 from dilattn._softmax import softmax_with_lse
-from dilattn.merge import merge_by_lse
 
 __all__ = ["Call", "plan", "strided_attention", "supports"]
 
@@ -374,10 +372,15 @@ def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: b
     elif write:
         acc.copy_(out)
         acc_lse.copy_(lse)
-    else:
-        merged, merged_lse = merge_by_lse([acc, out], [acc_lse, lse])
-        acc.copy_(merged)
-        acc_lse.copy_(merged_lse)
+    else:  # the kernel's arithmetic in torch ops: float32, rows that saw nothing stay 0
+        top = torch.maximum(acc_lse, lse)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        w_old, w_new = (acc_lse - top).exp(), (lse - top).exp()
+        total = w_old + w_new
+        safe = torch.where(total == 0, torch.ones_like(total), total)
+        merged = acc.to(total.dtype) * (w_old / safe).unsqueeze(-1)
+        acc.copy_(merged.addcmul_(out.to(total.dtype), (w_new / safe).unsqueeze(-1)))
+        acc_lse.copy_(torch.where(total == 0, -torch.inf, top + safe.log()))
 
 
 def _forward(
@@ -444,11 +447,7 @@ def _strided_op(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    forward = functools.partial(_forward, plan=plan, is_causal=is_causal, scale=scale)
-    if _graphs.applies(query):
-        out, lse = _graphs.run(("forward", plan, is_causal, scale), forward, query, key, value)
-        return out, lse
-    return forward(query, key, value)
+    return _forward(query, key, value, plan, is_causal, scale)
 
 
 @_strided_op.register_fake
@@ -470,12 +469,7 @@ def _strided_backward_op(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    backward = functools.partial(_backward, plan=plan, is_causal=is_causal, scale=scale)
-    inputs = (grad_out, query, key, value, out, lse)
-    if _graphs.applies(query):
-        dq, dk, dv = _graphs.run(("backward", plan, is_causal, scale), backward, *inputs)
-        return dq, dk, dv
-    return backward(*inputs)
+    return _backward(grad_out, query, key, value, out, lse, plan, is_causal, scale)
 
 
 @_strided_backward_op.register_fake

@@ -129,33 +129,26 @@ def test_strided_path_compiles_fullgraph_forward_and_backward() -> None:
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("shape", [(1, 12, 3000, 64), (2, 4, 2500, 128)])
-def test_small_calls_replay_cuda_graphs(shape: tuple[int, int, int, int], monkeypatch) -> None:
-    """Graphed calls (small problems) are as exact as ungraphed ones, forward and backward,
-    and a replay with new inputs gives their result (no stale copies)."""
-    from dilattn import _graphs
-
+def test_strided_path_under_cuda_graphs_replays_exactly() -> None:
+    """Under torch.compile(mode="reduce-overhead") (CUDA graphs) the strided path gives the
+    eager result, replay after replay, forward and backward."""
     args = ((512, 1024, 2048), (1, 2, 6))
-    for _ in range(2):  # the second round replays the cached graphs
-        q64, k64, v64 = (torch.randn(shape, device="cuda", dtype=torch.float64) for _ in range(3))
-        q, k, v = (x.bfloat16().requires_grad_() for x in (q64, k64, v64))
-        truth = dilated_attention_reference(q64, k64, v64, *args, is_causal=True)
-        baseline = dilated_attention_reference(
-            q.detach(), k.detach(), v.detach(), *args, is_causal=True
+    graphed = torch.compile(
+        lambda a, b, c: dilated_attention(a, b, c, *args, is_causal=True), mode="reduce-overhead"
+    )
+    for _ in range(4):
+        q, k, v = (
+            torch.randn(1, 12, 3000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
         )
         grad = torch.randn_like(q)
-        out = dilated_attention(q, k, v, *args, is_causal=True)
+        out = graphed(q, k, v)
         grads = torch.autograd.grad(out, (q, k, v), grad)
-        with monkeypatch.context() as patch:
-            patch.setattr(_graphs, "MAX_ROWS", 0)
-            plain = dilated_attention(q, k, v, *args, is_causal=True)
-            plain_grads = torch.autograd.grad(plain, (q, k, v), grad)
-        assert_within_budget(out, baseline, truth)
-        assert_within_budget(plain, baseline, truth)
-        torch.testing.assert_close(out, plain, atol=2e-2, rtol=1e-2)
-        for g, p in zip(grads, plain_grads, strict=True):
-            torch.testing.assert_close(g, p, atol=2e-2, rtol=1e-2)
-    assert _graphs._cache  # the calls were graphed
+        eager = dilated_attention(q, k, v, *args, is_causal=True)
+        eager_grads = torch.autograd.grad(eager, (q, k, v), grad)
+        torch.testing.assert_close(out, eager, atol=4e-3, rtol=1e-2)  # merges round apart
+        for g, e in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(g, e, atol=2e-2, rtol=1e-2)
 
 
 def _varlen(B: int, S: int, seed: int) -> dict[str, torch.Tensor]:
