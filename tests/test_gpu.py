@@ -164,7 +164,16 @@ def _varlen(B: int, S: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 MODULE_CASES = [
-    ({"num_kv_heads": 2, "position": "alibi", "is_causal": True}, (256, 512, 1024), (1, 2, 4)),
+    pytest.param(
+        {"num_kv_heads": 2, "position": "alibi", "is_causal": True},
+        (256, 512, 1024),
+        (1, 2, 4),
+        # torch 2.11's inductor fails to generate this graph ("NameError: XBLOCK is not
+        # defined" in a Triton kernel it writes): ALiBi + GQA + padding in one compiled module
+        marks=pytest.mark.xfail(
+            torch.__version__.startswith("2.11"), reason="inductor codegen", strict=True
+        ),
+    ),
     ({"position": "alibi", "qk_norm": True, "sub_layernorm": True}, (300, 700), (1, 6)),
     ({"num_kv_heads": 1, "position": "rotary", "is_causal": True}, (128, 512), (2, 12)),
 ]
