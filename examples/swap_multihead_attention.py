@@ -69,8 +69,9 @@ def dilated_from_torch(
     else:
         weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
     biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
+    projections = (ours.q_proj, ours.k_proj, ours.v_proj)
     with torch.no_grad():
-        for proj, w, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), weights, biases, strict=True):
+        for proj, w, b in zip(projections, weights, biases, strict=True):
             proj.weight.copy_(w)
             if b is not None:
                 proj.bias.copy_(b)
