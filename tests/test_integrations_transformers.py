@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from copy import deepcopy
 from typing import Any
 
 import pytest
@@ -405,12 +406,10 @@ def test_without_transformers_the_import_says_what_to_install(monkeypatch) -> No
 @requires_cuda
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_bf16_model_forward_and_backward(compiled: bool) -> None:
-    """On CUDA (flex backend), bf16: logits and gradients of the embedding within the error
-    budget of the same model with the reference attention in bf16, against float64."""
-    branches = {"segment_lengths": [64, 128], "dilation_rates": [1, 2]}
-    config = LlamaConfig(**TINY, dilated_attention=branches)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="dilated").cuda()
+    """On CUDA (``backend="auto"``), bf16, S = 300 over several segments, right padding:
+    logits and the embedding's gradient within the error budget of the same model with the
+    reference attention in bf16, against float64."""
+    model = tiny_llama("dilated", [64, 128], [1, 2], torch.float32)
     ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
     mask = torch.ones(2, 300, dtype=torch.long, device="cuda")
     mask[1, 250:] = 0
@@ -431,12 +430,30 @@ def _logits_and_grad(
     mask: torch.Tensor,
     compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    copy = LlamaForCausalLM._from_config(model.config, attn_implementation=attn, dtype=dtype)
-    copy.load_state_dict(model.state_dict())
-    copy = copy.cuda().train()
+    """Logits and the embedding's gradient of a copy of ``model`` on CUDA in ``dtype``."""
+    copy = deepcopy(model).to("cuda", dtype).train()
+    copy.set_attn_implementation(attn)
     run = torch.compile(copy) if compiled else copy
     logits = run(ids, attention_mask=mask, use_cache=False).logits
     logits.float().square().mean().backward()
     grad = copy.model.embed_tokens.weight.grad
     assert grad is not None
     return logits.detach(), grad
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_decoding_gives_the_full_forward(cache: str) -> None:
+    """Decoding on CUDA (one query per step through flex) gives the full forward's rows."""
+    S, prompt = 200, 150
+    model = tiny_llama("dilated", [32, 64, 128], [1, 2, 4], torch.float32).cuda()
+    ids = torch.randint(0, VOCAB, (2, S), device="cuda")
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        kv = DynamicCache(config=model.config) if cache == "dynamic" else None
+        if kv is None:
+            kv = StaticCache(config=model.config, max_cache_len=256)
+        steps = [model(ids[:, :prompt], past_key_values=kv).logits]
+        steps += [model(ids[:, t : t + 1], past_key_values=kv).logits for t in range(prompt, S)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)

@@ -96,7 +96,7 @@ _UNSUPPORTED = {
 _Backend = Literal["auto", "flex", "math"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DilatedMask:
     """What the ``"dilated"`` mask builder hands to every layer instead of a 4-D tensor.
 
