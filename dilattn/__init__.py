@@ -15,9 +15,10 @@ Three ways in:
   as a module; :class:`MultiheadDilatedAttention`, a drop-in for
   ``nn.MultiheadAttention(batch_first=True)`` with GQA, QK-norm, MAGNETO's sub-LayerNorm,
   positions (:mod:`dilattn.positions`) and a :class:`KVCache` for decoding;
-* :mod:`dilattn.reference`: dense, obviously correct, for checking kernels;
-* :mod:`dilattn.integrations.transformers` (extra ``hf``): ``attn_implementation="dilated"``
-  for Hugging Face models.
+* :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
+
+Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
+``attn_implementation="dilated"``.
 
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
