@@ -385,6 +385,7 @@ def test_register_validates(args: tuple, kwargs: dict[str, Any], match: str) -> 
         ({"segment_lengths": [4]}, "must be a dict with"),
         ({"segment_lengths": [4], "dilation_rates": [1], "window": 3}, "must be a dict with"),
         ({"segment_lengths": [4], "dilation_rates": [5]}, "at most its segment length"),
+        ({"segment_lengths": 4, "dilation_rates": [1]}, "segment_lengths must be a sequence"),
     ],
 )
 def test_model_config_is_validated(options: dict | None, match: str) -> None:

@@ -73,11 +73,10 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 __all__ = ["CONFIG_ATTRIBUTE", "DilatedMask", "register"]
 
-MIN_VERSION = (5, 17)
-if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < MIN_VERSION:
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 17):
     raise ImportError(
-        f"dilattn.integrations.transformers needs transformers>=5.17, found "
-        f"{transformers.__version__}: pip install 'dilattn[hf]'"
+        "dilattn.integrations.transformers needs transformers>=5.17 (its mask interface takes "
+        f"q_length and q_offset), found {transformers.__version__}: pip install 'dilattn[hf]'"
     )
 
 CONFIG_ATTRIBUTE = "dilated_attention"
@@ -112,8 +111,11 @@ class DilatedMask:
         """The same mask as a tensor: bool ``(B or 1, 1, S_q, S_kv)``, ``True`` = attend."""
         q = torch.arange(self.q_offset, self.q_offset + q_len, device=device)
         k = torch.arange(kv_len, device=device)
-        seen = k <= q[:, None] if self.is_causal else torch.ones(q_len, kv_len, device=device)
-        seen = seen.bool()[None, None]  # (1, 1, S_q, S_kv)
+        if self.is_causal:
+            seen = k <= q[:, None]
+        else:
+            seen = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+        seen = seen[None, None]  # (1, 1, S_q, S_kv)
         if self.key_padding_mask is None:
             return seen
         return seen & ~self.key_padding_mask[:, None, None, :]
@@ -158,13 +160,14 @@ def _from_tensor(mask: Tensor, q_len: int, kv_len: int, *, is_causal: bool) -> D
     """Read ``mask`` as causal (or full) attention with key padding, and check it is."""
     visible = _visible_from_tensor(mask, q_len, kv_len)
     q_offset = _queries_last(q_len, kv_len)
-    if is_causal:  # the query offset: how far past its row the last key a row sees lies
+    if is_causal:  # q_offset: max over rows of (last key seen - row), exact once a query
+        # sees its own position (every real token does; a static cache's empty slots do not)
         keys = torch.arange(kv_len, device=mask.device)
         last = torch.where(visible, keys, -1).amax(-1)  # (B, 1, S_q)
         reach = last - torch.arange(q_len, device=mask.device)
         if bool((last >= 0).any()):
             q_offset = int(reach[last >= 0].max())
-    seen_by = visible[:, 0, -1 if is_causal else 0]  # (B, S_kv): the last row sees every key
+    seen_by = visible[:, 0, -1 if is_causal else 0]  # (B, S_kv): a key this row misses is padding
     candidate = DilatedMask(is_causal, q_offset, ~seen_by)
     if not 0 <= q_offset <= kv_len - q_len or not torch.equal(
         visible, candidate.visible(q_len, kv_len, mask.device).expand_as(visible)
@@ -235,7 +238,9 @@ def _mask_builder(
     raise _not_expressible("the model's mask")
 
 
-def _branches(module: nn.Module, default: DilatedConfig | None, head_offsets: str) -> DilatedConfig:
+def _branches(
+    module: nn.Module, default: DilatedConfig | None, head_offsets: HeadOffsets
+) -> DilatedConfig:
     """The layer's configuration: its model config's attribute, else ``register``'s."""
     options = getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None)
     if options is None:
@@ -256,8 +261,8 @@ def _branches(module: nn.Module, default: DilatedConfig | None, head_offsets: st
             f"and optionally head_offsets, got {options!r}"
         )
     return DilatedConfig(
-        tuple(options["segment_lengths"]),
-        tuple(options["dilation_rates"]),
+        options["segment_lengths"],
+        options["dilation_rates"],
         options.get("head_offsets", head_offsets),
     )
 
