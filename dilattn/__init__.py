@@ -17,6 +17,9 @@ Three ways in:
   positions (:mod:`dilattn.positions`) and a :class:`KVCache` for decoding;
 * :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
 
+Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
+``attn_implementation="dilated"``.
+
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
 positions; the functional path and the reference also take ``q_offset`` (decoding).
