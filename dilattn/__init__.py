@@ -17,6 +17,9 @@ Three ways in:
   positions (:mod:`dilattn.positions`) and a :class:`KVCache` for decoding;
 * :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
 
+Models (:mod:`dilattn.models`): :class:`LongNet` (encoder-decoder) and :class:`LongNetLM`
+(decoder-only, with ``generate`` over a KV cache), configured by :class:`LongNetConfig`.
+
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
 positions; the functional path and the reference also take ``q_offset`` (decoding).
@@ -27,6 +30,7 @@ from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
+from dilattn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
 from dilattn.modules import DilatedAttention, MultiheadDilatedAttention, Position
 from dilattn.positions import (
     T5RelativeBias,
@@ -38,11 +42,17 @@ from dilattn.positions import (
 )
 
 __all__ = [
+    "Activation",
+    "Block",
     "DilatedAttention",
     "DilatedConfig",
     "FlexMask",
     "HeadOffsets",
+    "FeedForward",
     "KVCache",
+    "LongNet",
+    "LongNetConfig",
+    "LongNetLM",
     "MultiheadDilatedAttention",
     "Position",
     "T5RelativeBias",
