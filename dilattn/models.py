@@ -393,11 +393,18 @@ class LongNetLM(nn.Module):
 
     def new_kv_caches(self, batch_size: int, capacity: int) -> list[KVCache]:
         """One empty :class:`dilattn.KVCache` per block, for ``capacity`` positions: memory
-        ``num_layers * 2 * B * H_kv * capacity * D`` elements, allocated once."""
+        ``num_layers * 2 * B * H_kv * capacity * D`` elements, allocated once. They hold the
+        dtype the projections produce: autocast's where it is on, else the parameters'."""
+        weight = self.embedding.weight
+        dtype = weight.dtype
+        if torch.is_autocast_enabled(weight.device.type):
+            dtype = torch.get_autocast_dtype(weight.device.type)
         caches = []
         for block in self.blocks:
-            assert isinstance(block, Block)
-            caches.append(block.self_attn.new_kv_cache(batch_size, capacity))
+            attn = block.self_attn
+            assert isinstance(attn, MultiheadDilatedAttention)
+            shape = (batch_size, attn.num_kv_heads, capacity, attn.head_dim)
+            caches.append(KVCache(*shape, device=weight.device, dtype=dtype))
         return caches
 
     @torch.no_grad()

@@ -293,6 +293,20 @@ def test_decoding_with_padding_and_documents_equals_the_full_forward() -> None:
     torch.testing.assert_close(torch.cat(steps, 1), full)
 
 
+def test_decoding_under_bf16_autocast_caches_bf16_and_matches_the_full_forward() -> None:
+    model = _fresh(
+        LongNetLM(37, LongNetConfig(**TINY, segment_lengths=(4, 8), dilation_rates=(1, 2))), 0.2
+    ).eval()
+    tokens = torch.randint(0, 37, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        full = model(tokens)
+        logits, caches = _decode(model, tokens, prefill=7)
+        assert model.generate(tokens[:, :5], 4).shape == (2, 9)
+    assert all(cache.key.dtype == torch.bfloat16 for cache in caches)
+    assert model.new_kv_caches(1, 4)[0].key.dtype == torch.float32  # outside autocast
+    torch.testing.assert_close(logits.float(), full.float(), atol=0.05, rtol=0.05)
+
+
 def _tiny_lm(**options: object) -> LongNetLM:
     config = LongNetConfig(**TINY, segment_lengths=(4, 8, 16), dilation_rates=(1, 2, 4), **options)  # type: ignore[arg-type]
     return _fresh(LongNetLM(37, config), std=0.2).eval()
@@ -514,14 +528,15 @@ def test_compiled_lm_forward_and_backward_in_bf16(options: dict) -> None:
     for p in model.parameters():
         nn.init.normal_(p, std=256**-0.5)
     tokens = torch.randint(0, 256, (2, 1000), device="cuda")
+    model64 = copy.deepcopy(model).double()  # the same values, float64 gradients
     out = torch.compile(model, fullgraph=True)(tokens)
-    truth = lm_reference(model, tokens, dtype=torch.float64)
+    truth = lm_reference(model64, tokens, dtype=torch.float64)
     baseline = lm_reference(model, tokens, dtype=torch.bfloat16)
     assert_within_budget(out, baseline, truth)
     grad = torch.randn_like(out)
     params = list(model.parameters())
     grads = torch.autograd.grad(out, params, grad)
-    truths = torch.autograd.grad(truth, params, grad.double())
+    truths = torch.autograd.grad(truth, list(model64.parameters()), grad.double())
     baselines = torch.autograd.grad(baseline, params, grad)
     for g, b, t in zip(grads, baselines, truths, strict=True):
         assert_within_budget(g, b, t, factor=4.0)
