@@ -132,6 +132,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--threads", type=int, help="CPU threads (torch.set_num_threads); 1 on a busy machine"
+    )
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--eval-every", type=int, default=100)
     out.add_argument("--eval-batches", type=int, default=8)
@@ -148,6 +151,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     console = Console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     train_data, val_data, source = load_text(args)
