@@ -20,6 +20,9 @@ Three ways in:
 Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
 ``attn_implementation="dilated"``.
 
+Models (:mod:`dilattn.models`): :class:`LongNet` (encoder-decoder) and :class:`LongNetLM`
+(decoder-only, with ``generate`` over a KV cache), configured by :class:`LongNetConfig`.
+
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
 positions; the functional path and the reference also take ``q_offset`` (decoding).
@@ -35,6 +38,7 @@ from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
+from dilattn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
 from dilattn.modules import DilatedAttention, MultiheadDilatedAttention, Position
 from dilattn.positions import (
     T5RelativeBias,
@@ -54,11 +58,17 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "Activation",
+    "Block",
     "DilatedAttention",
     "DilatedConfig",
+    "FeedForward",
     "FlexMask",
     "HeadOffsets",
     "KVCache",
+    "LongNet",
+    "LongNetConfig",
+    "LongNetLM",
     "MultiheadDilatedAttention",
     "ParallelDilatedAttention",
     "Position",
