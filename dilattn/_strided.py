@@ -482,22 +482,43 @@ def _(
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     query, key, value, branches, offsets, is_causal, scale = inputs
     ctx.save_for_backward(query, key, value, *output)
-    ctx.mark_non_differentiable(output[1])  # the lse: functional refuses to return it with grads
     ctx.args = (branches, offsets, is_causal, scale)
 
 
-def _backward_rule(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+def _fold_lse_grad(
+    grad_out: Tensor, out: Tensor, grad_lse: Tensor
+) -> list[tuple[Tensor, Tensor]]:
+    """``(grad, out)`` pairs whose backward calls sum to the gradient of both outputs.
+
+    A call's backward uses ``out`` only in ``rowsum(grad * out)``, and a gradient on the lse
+    adds ``P * grad_lse`` to ``dS``: the same as lowering that rowsum by ``grad_lse``. So
+    ``out' = out + c * grad`` with ``c = -grad_lse / |grad|^2`` per row carries it. Rows with
+    no output gradient get ``grad + 1`` here and ``-1`` (with ``out = 0``) in a second call."""
+    work = _work_dtype(out)
+    g = grad_out.to(work)
+    target = (g * out.to(work)).sum(-1) - grad_lse.to(work).nan_to_num(0.0)  # wanted rowsum
+    norm = (g * g).sum(-1)
+    pairs = []
+    idle = (norm == 0) & (target != 0)
+    if idle.any():  # one sync, only when the lse gets a gradient
+        lift = idle.unsqueeze(-1).to(work).expand_as(g)
+        g = g + lift
+        norm = (g * g).sum(-1)
+        pairs.append(((-lift).to(grad_out.dtype).contiguous(), torch.zeros_like(out)))
+    shift = torch.where(norm > 0, (target - (g * out.to(work)).sum(-1)) / norm, 0.0)
+    folded = (out.to(work) + shift.unsqueeze(-1) * g).to(out.dtype)
+    return [(g.to(grad_out.dtype), folded), *pairs]
+
+
+def _backward_rule(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple[Any, ...]:
     query, key, value, out, lse = ctx.saved_tensors
-    grads = _strided_backward_op(
-        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
-        query,
-        key,
-        value,
-        out,
-        lse,
-        *ctx.args,
-    )
-    return (*grads, None, None, None, None)
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    pairs = [(grad_out, out)] if grad_lse is None else _fold_lse_grad(grad_out, out, grad_lse)
+    grads = [_strided_backward_op(g, query, key, value, o, lse, *ctx.args) for g, o in pairs]
+    total = [sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True)]
+    return (*total, None, None, None, None)
 
 
 _strided_op.register_autograd(_backward_rule, setup_context=_setup_context)
