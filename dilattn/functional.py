@@ -126,9 +126,9 @@ def dilated_attention(
         backend: ``"strided"`` (each branch on strided views of q/k/v, no gather: cuDNN
             attention and an in-place Triton merge on CUDA, matmul on CPU; fp16/bf16 on CUDA,
             ``S_q == S_kv``, none of the arguments below), ``"flex"`` (FlexAttention per
-            branch on gathered rows; compiled on CUDA, forward-only eager on CPU), ``"math"`` (matmul and softmax per gathered segment;
-            any device, differentiable), or ``"auto"``: strided where it applies, else flex
-            on CUDA and math elsewhere.
+            branch on gathered rows; compiled on CUDA, forward-only eager on CPU), ``"math"``
+            (matmul and softmax per gathered segment; any device, differentiable), or
+            ``"auto"``: strided where it applies, else flex on CUDA and math elsewhere.
         key_padding_mask: ``(B, S_kv)`` bool, torch's meaning: ``True`` = padding key, ignored.
         document_ids: ``(B, max(q_offset + S_q, S_kv))`` integers, the document of each
             position (packed sequences): a query sees only keys of its own document. Dilation
