@@ -485,9 +485,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
     ctx.args = (branches, offsets, is_causal, scale)
 
 
-def _fold_lse_grad(
-    grad_out: Tensor, out: Tensor, grad_lse: Tensor
-) -> list[tuple[Tensor, Tensor]]:
+def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``(grad, out)`` pairs whose backward calls sum to the gradient of both outputs.
 
     A call's backward uses ``out`` only in ``rowsum(grad * out)``, and a gradient on the lse
