@@ -455,36 +455,6 @@ def _(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, Te
     return _new_out(query, value), query.new_empty(query.shape[:3], dtype=_work_dtype(query))
 
 
-@torch.library.custom_op("dilattn::strided_attention_backward", mutates_args=())
-def _strided_backward_op(
-    grad_out: Tensor,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    branches: list[int],
-    offsets: list[int],
-    is_causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    plan = _unpack(branches, offsets, query, key)
-    return _backward(grad_out, query, key, value, out, lse, plan, is_causal, scale)
-
-
-@_strided_backward_op.register_fake
-def _(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any
-) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    query, key, value, branches, offsets, is_causal, scale = inputs
-    ctx.save_for_backward(query, key, value, *output)
-    ctx.args = (branches, offsets, is_causal, scale)
-
-
 def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tuple[Tensor, Tensor]]:
     """``(grad, out)`` pairs whose backward calls sum to the gradient of both outputs.
 
@@ -498,7 +468,7 @@ def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tupl
     norm = (g * g).sum(-1)
     pairs = []
     idle = (norm == 0) & (target != 0)
-    if idle.any():  # one sync, only when the lse gets a gradient
+    if idle.any():
         lift = idle.unsqueeze(-1).to(work).expand_as(g)
         g = g + lift
         norm = (g * g).sum(-1)
@@ -508,15 +478,50 @@ def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tupl
     return [(g.to(grad_out.dtype), folded), *pairs]
 
 
+@torch.library.custom_op("dilattn::strided_attention_backward", mutates_args=())
+def _strided_backward_op(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_lse: Tensor | None,
+    branches: list[int],
+    offsets: list[int],
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    plan = _unpack(branches, offsets, query, key)
+    pairs = [(grad_out, out)]
+    if grad_lse is not None and bool(grad_lse.nan_to_num(0.0).any()):  # compiled code passes 0s
+        pairs = _fold_lse_grad(grad_out, out, grad_lse)
+    grads = [_backward(g, query, key, value, o, lse, plan, is_causal, scale) for g, o in pairs]
+    dq, dk, dv = (sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True))
+    return dq, dk, dv
+
+
+@_strided_backward_op.register_fake
+def _(
+    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    query, key, value, branches, offsets, is_causal, scale = inputs
+    ctx.save_for_backward(query, key, value, *output)
+    ctx.set_materialize_grads(False)  # no lse gradient: None, not zeros
+    ctx.args = (branches, offsets, is_causal, scale)
+
+
 def _backward_rule(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple[Any, ...]:
     query, key, value, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
-    pairs = [(grad_out, out)] if grad_lse is None else _fold_lse_grad(grad_out, out, grad_lse)
-    grads = [_strided_backward_op(g, query, key, value, o, lse, *ctx.args) for g, o in pairs]
-    total = [sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True)]
-    return (*total, None, None, None, None)
+    grads = _strided_backward_op(grad_out, query, key, value, out, lse, grad_lse, *ctx.args)
+    return (*grads, None, None, None, None)
 
 
 _strided_op.register_autograd(_backward_rule, setup_context=_setup_context)
