@@ -56,6 +56,9 @@ def _merge_kernel(
         safe = tl.where(total == 0.0, 1.0, total)
         new = (old * (w_old / safe)[:, None]) + (new * (w_new / safe)[:, None])
         new_lse = tl.where(total == 0.0, -float("inf"), top + tl.log(safe))
+    # threads holding copies of one row (the lse vector is replicated across the tile's
+    # threads) must all have read it before any writes it back: an in-place race otherwise
+    tl.debug_barrier()
     tl.store(acc_ptrs, new.to(acc.dtype.element_ty), mask=ok)
     tl.store(lse_ptrs, new_lse, mask=row_ok)
 
@@ -106,6 +109,7 @@ def _add_kernel(
     t_ptrs = target + x * t_sx + y * t_sy + m[:, None] * t_sm + d[None, :]
     if not WRITE:
         new = new.to(tl.float32) + tl.load(t_ptrs, mask=ok).to(tl.float32)
+    tl.debug_barrier()  # every copy of an element read before any is written (in place)
     tl.store(t_ptrs, new.to(target.dtype.element_ty), mask=ok)
 
 

@@ -343,16 +343,9 @@ def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tensor:
     return scores
 
 
-def _triton_here(x: Tensor) -> bool:
-    """The Triton kernels run on CUDA outside CUDA-graph capture. Captured after cuDNN's
-    calls they gave wrong rows on torch 2.11 / Triton 3.6 (replays differed from eager runs
-    by up to 0.14 in bf16), so a graph gets the merge in torch ops, which replays exactly."""
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
-
-
 def _add_rows(target: Tensor, piece: Tensor, write: bool) -> None:
     """``target += piece`` (``write``: ``=``) on a ``(X, G, M, D)`` view of a gradient."""
-    if _triton_here(target):
+    if target.is_cuda:
         from dilattn._kernels import add_rows_
 
         add_rows_(target, piece, write)
@@ -365,7 +358,7 @@ def _add_rows(target: Tensor, piece: Tensor, write: bool) -> None:
 def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
     """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
     one call's ``out``/``lse`` by log-sum-exp, in place (``write``: overwrite)."""
-    if _triton_here(acc):
+    if acc.is_cuda:
         from dilattn._kernels import merge_rows_
 
         merge_rows_(acc, acc_lse, out, lse, write)
