@@ -101,14 +101,20 @@ def sliding_window(n: int, is_causal: bool) -> Window:
 
 
 def _axis_spans(
-    bounds: Any, this_len: int, other_len: int, this_start: int, other_start: int, bs: int
+    bounds: Any,
+    this_len: int,
+    other_len: int,
+    this_start: int,
+    other_start: int,
+    bs: int,
+    device: torch.device | str,
 ) -> Spans:
     """Spans of the blocks of one axis (``this_len`` rows, row ``t`` at ``this_start + t``)
     over the other (row ``u`` at ``other_start + u``), where ``bounds(p)`` gives the visible
     positions ``[lo, hi]`` of the other axis, nondecreasing in ``p``: block ``[a, z]`` touches
     ``[lo(a), hi(z)]`` and sees all of ``[lo(z), hi(a)]``."""
     n_other = cdiv(other_len, bs)
-    a = torch.arange(cdiv(this_len, bs)) * bs
+    a = torch.arange(cdiv(this_len, bs), device=device) * bs
     z = torch.clamp(a + bs, max=this_len) - 1
     (lo_a, hi_a), (lo_z, hi_z) = bounds(a + this_start), bounds(z + this_start)
     t_lo = torch.clamp(lo_a - other_start, min=0)
@@ -125,12 +131,18 @@ def _axis_spans(
 
 
 def window_spans(
-    window: Window, *, q_len: int, kv_len: int, q_offset: int, block_size: int
+    window: Window,
+    *,
+    q_len: int,
+    kv_len: int,
+    q_offset: int,
+    block_size: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[Spans, Spans]:
     """Row spans (per query block) and column spans (per key block) of ``window``, ``(1, 1, n)``
-    each, on the CPU."""
-    rows = _axis_spans(window.keys, q_len, kv_len, q_offset, 0, block_size)
-    cols = _axis_spans(window.queries, kv_len, q_len, 0, q_offset, block_size)
+    each."""
+    rows = _axis_spans(window.keys, q_len, kv_len, q_offset, 0, block_size, device)
+    cols = _axis_spans(window.queries, kv_len, q_len, 0, q_offset, block_size, device)
     return rows, cols
 
 
@@ -152,7 +164,12 @@ def window_block_mask(
     """The ``BlockMask`` of ``window`` (``B = H = 1``), built from block intervals; an extra
     ``mask_mod`` (on rows) is and-ed in and makes every touched block partial."""
     rows, cols = window_spans(
-        window, q_len=q_len, kv_len=kv_len, q_offset=q_offset, block_size=block_size
+        window,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_offset=q_offset,
+        block_size=block_size,
+        device=device,
     )
     mod = window.mask_mod(q_offset)
     if mask_mod is not None:
@@ -160,8 +177,8 @@ def window_block_mask(
         rows, cols = rows.without_full(), cols.without_full()
     width = window_width(window, block_size)
     return block_mask_from_spans(
-        Spans(*(x.to(device) for x in rows)),
-        Spans(*(x.to(device) for x in cols)),
+        rows,
+        cols,
         seq_lengths=(q_len, kv_len),
         block_size=block_size,
         mask_mod=mod,
