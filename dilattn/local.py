@@ -217,8 +217,8 @@ class LocalAttention(nn.Module):
         window_size, look_backward, look_forward, exact_windowsize: the window (module
             docstring); ``look_forward`` defaults to 0 when causal, else 1.
         causal: mask keys after the query (``is_causal`` elsewhere in dilattn).
-        dropout: on the attention probabilities in training mode (``backend="math"``: on
-            CUDA pass it, as FlexAttention has no dropout).
+        dropout: on the attention probabilities in training mode; FlexAttention has none,
+            so on CUDA training with dropout needs ``backend="math"``.
         shared_qk: Reformer's shared query-key attention: keys are l2-normalised and a query
             sees its own position only when it sees nothing else (score :data:`SELF_SCORE`).
         dim: the head dim; with ``use_rotary_pos_emb`` (default on, as theirs) q and k get
