@@ -255,6 +255,8 @@ def test_bad_module_inputs_raise() -> None:
     with pytest.raises(ValueError, match="local_window"):
         dilated_attention(q, q, q, [4], [1], local_window=0)
     with pytest.raises(ValueError, match="local_window"):
+        dilattn.DilatedConfig((4,), (1,), "split", local_window=2)
+    with pytest.raises(ValueError, match="local_window"):
         dilated_attention(q, q, q, [4], [1], local_window=3, backend="strided")
 
 
