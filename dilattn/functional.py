@@ -41,8 +41,8 @@ def resolve_backend(
 ) -> Backend | Literal["strided"]:
     """The backend that runs on these inputs. ``"auto"`` is ``"math"`` off CUDA; on CUDA it
     is ``"strided"`` where that applies (fp16/bf16, ``S_q == S_kv``, head dims multiples of 8
-    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout)),
-    else ``"flex"``."""
+    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout, a
+    local window)), else ``"flex"``."""
     tensors, head_dim = (query, key, value), query.shape[-1]
     if backend not in ("auto", "strided", "flex", "math"):
         raise ValueError(f"backend must be 'auto', 'strided', 'flex' or 'math', got {backend!r}")
