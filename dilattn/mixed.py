@@ -1,0 +1,142 @@
+"""``MixedHeadAttention``: one attention layer whose heads are of different kinds.
+
+As ``linear-attention-transformer`` mixes local softmax heads with global linear heads, the
+heads here come in contiguous groups, in this order: dilated heads (LongNet), then global
+linear heads (:func:`dilattn.linear_attention`). All heads share the q/k/v/out projections;
+each group runs its kind on its slice of heads and the outputs are concatenated (in head
+order) before the output projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from dilattn._checks import positive_int
+from dilattn.linear import linear_attention
+from dilattn.modules import MultiheadDilatedAttention
+
+__all__ = ["HeadKind", "MixedHeadAttention"]
+
+HeadKind = Literal["dilated", "linear"]
+"""The kinds of heads of :class:`MixedHeadAttention`, in their order along the head axis."""
+
+
+class _Group(NamedTuple):
+    kind: HeadKind
+    heads: slice  # its query heads
+    kv_heads: slice  # the key/value heads they read
+
+
+class MixedHeadAttention(MultiheadDilatedAttention):
+    """Multi-head attention with groups of dilated and global linear heads.
+
+    ``(B, S, E)`` in, ``(B, S, E)`` out::
+
+        attn = MixedHeadAttention(512, 8, [256, 512], [1, 2], linear_heads=2, is_causal=True)
+        out, _ = attn(x, x, x)  # heads 0-5 dilated, 6-7 linear; out (B, S, 512)
+
+    Args:
+        linear_heads: the last ``linear_heads`` heads run causal or non-causal linear
+            attention (:func:`dilattn.linear_attention`, ``elu + 1`` features); the others
+            are dilated, exactly as a :class:`MultiheadDilatedAttention` with that many heads
+            (their head offsets count from the group's first head).
+        linear_chunk_size: ``chunk_size`` of the causal linear heads.
+        others: as :class:`MultiheadDilatedAttention`. With ``num_kv_heads > 1`` every group
+            must hold a multiple of ``num_heads / num_kv_heads`` heads (each group reads its
+            own key/value heads); with one key/value head all groups share it.
+            Score-mod positions (``"alibi"``, ``"t5"``) and attention ``dropout`` apply to
+            dilated heads only, so they are refused when there are linear heads; rotary and
+            xPos rotate every head.
+
+    Decoding with a :class:`dilattn.KVCache` works for every kind: linear heads rebuild their
+    prefix state from the cached keys (``O(S)`` per step, exact).
+
+    Equivalent PyTorch code: the projections around ``dilated_attention_reference`` and
+    ``linear_attention_reference``, one per head group.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        linear_heads: int = 0,
+        linear_chunk_size: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+        if isinstance(linear_heads, bool) or not isinstance(linear_heads, int):
+            raise ValueError(f"linear_heads must be an integer, got {linear_heads!r}")
+        if not 0 <= linear_heads <= num_heads:
+            raise ValueError(f"linear_heads must be in [0, {num_heads}], got {linear_heads}")
+        self.linear_chunk_size = positive_int("linear_chunk_size", linear_chunk_size)
+        if linear_heads and (self.position in ("alibi", "t5") or self.dropout > 0):
+            raise ValueError(
+                "position='alibi'/'t5' and dropout act on dilated heads only: use "
+                f"position=None/'rotary'/'xpos' and dropout=0 with linear heads, got "
+                f"position={self.position!r}, dropout={self.dropout}"
+            )
+        counts: dict[HeadKind, int] = {"dilated": num_heads - linear_heads, "linear": linear_heads}
+        self.groups = self._split(counts)
+
+    def _split(self, counts: dict[HeadKind, int]) -> tuple[_Group, ...]:
+        """The head groups, in order, with the key/value heads each reads."""
+        group = self.num_heads // self.num_kv_heads  # query heads per key/value head
+        groups, start = [], 0
+        for kind, count in counts.items():
+            if count and self.num_kv_heads > 1 and count % group:
+                raise ValueError(
+                    f"with num_kv_heads={self.num_kv_heads}, each head group must hold a "
+                    f"multiple of {group} heads, got {count} {kind} heads"
+                )
+            kv = (
+                slice(0, 1)
+                if self.num_kv_heads == 1
+                else slice(start // group, (start + count) // group)
+            )
+            if count:
+                groups.append(_Group(kind, slice(start, start + count), kv))
+            start += count
+        return tuple(groups)
+
+    @property
+    def head_counts(self) -> dict[HeadKind, int]:
+        """Heads per kind, e.g. ``{"dilated": 6, "linear": 2}``."""
+        counts: dict[HeadKind, int] = {"dilated": 0, "linear": 0}
+        for group in self.groups:
+            counts[group.kind] = group.heads.stop - group.heads.start
+        return counts
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, **kwargs: Any) -> Tensor:
+        """Each group of heads ``(B, H_g, S_q, D)`` by its kind, concatenated along heads."""
+        outputs = []
+        for group in self.groups:
+            args = q[:, group.heads], k[:, group.kv_heads], v[:, group.kv_heads]
+            if group.kind == "dilated":
+                outputs.append(super()._attend(*args, q_offset, **kwargs))
+                continue
+            if kwargs["document_ids"] is not None or kwargs["cu_seqlens"] is not None:
+                raise ValueError(
+                    "linear heads do not take document_ids/cu_seqlens (packed documents)"
+                )
+            outputs.append(
+                linear_attention(
+                    *args,
+                    is_causal=kwargs["is_causal"],
+                    enable_gqa=args[0].shape[1] != args[1].shape[1],
+                    chunk_size=self.linear_chunk_size,
+                    key_padding_mask=kwargs["key_padding_mask"],
+                    q_offset=q_offset,
+                )
+            )
+        return torch.cat(outputs, 1)  # (B, H, S_q, D)
+
+    def extra_repr(self) -> str:
+        counts = ", ".join(f"{kind}={n}" for kind, n in self.head_counts.items())
+        return f"{super().extra_repr()}, heads=({counts})"
