@@ -10,7 +10,7 @@ order) before the output projection.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,14 +19,44 @@ from dilattn._checks import positive_int
 from dilattn.linear import linear_attention
 from dilattn.modules import MultiheadDilatedAttention
 
-__all__ = ["HeadKind", "MixedHeadAttention"]
+__all__ = ["HeadCounts", "MixedHeadAttention", "check_head_counts"]
 
-HeadKind = Literal["dilated", "linear"]
-"""The kinds of heads of :class:`MixedHeadAttention`, in their order along the head axis."""
+class HeadCounts(NamedTuple):
+    """Heads of each kind in one layer, in head order: ``HeadCounts(dilated=6, linear=2)``;
+    a plain tuple ``(6, 2)`` works too."""
+
+    dilated: int = 0
+    linear: int = 0
+
+
+def check_head_counts(name: str, counts: object, num_heads: int, num_kv_heads: int) -> HeadCounts:
+    """``counts`` as :class:`HeadCounts`: non-negative integers summing to ``num_heads``, each
+    a multiple of ``num_heads / num_kv_heads`` (unless one key/value head serves them all)."""
+    fields = HeadCounts._fields
+    if (
+        isinstance(counts, (str, bytes))
+        or not isinstance(counts, Sequence)
+        or len(counts) != len(fields)
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts)
+    ):
+        raise ValueError(
+            f"{name} must be {len(fields)} non-negative integers {fields}, got {counts!r}"
+        )
+    heads = HeadCounts(*counts)
+    if sum(heads) != num_heads:
+        raise ValueError(f"{name} must add up to num_heads ({num_heads}), got {heads}")
+    group = num_heads // num_kv_heads  # query heads per key/value head
+    for kind, count in heads._asdict().items():
+        if num_kv_heads > 1 and count % group:
+            raise ValueError(
+                f"{name}: with num_kv_heads={num_kv_heads}, each kind must have a multiple of "
+                f"{group} heads, got {count} {kind} heads"
+            )
+    return heads
 
 
 class _Group(NamedTuple):
-    kind: HeadKind
+    kind: str  # a field of HeadCounts
     heads: slice  # its query heads
     kv_heads: slice  # the key/value heads they read
 
@@ -82,36 +112,18 @@ class MixedHeadAttention(MultiheadDilatedAttention):
                 f"position=None/'rotary'/'xpos' and dropout=0 with linear heads, got "
                 f"position={self.position!r}, dropout={self.dropout}"
             )
-        counts: dict[HeadKind, int] = {"dilated": num_heads - linear_heads, "linear": linear_heads}
-        self.groups = self._split(counts)
-
-    def _split(self, counts: dict[HeadKind, int]) -> tuple[_Group, ...]:
-        """The head groups, in order, with the key/value heads each reads."""
-        group = self.num_heads // self.num_kv_heads  # query heads per key/value head
+        self.head_counts = check_head_counts(
+            "heads", (num_heads - linear_heads, linear_heads), num_heads, self.num_kv_heads
+        )
+        group = num_heads // self.num_kv_heads  # query heads per key/value head
         groups, start = [], 0
-        for kind, count in counts.items():
-            if count and self.num_kv_heads > 1 and count % group:
-                raise ValueError(
-                    f"with num_kv_heads={self.num_kv_heads}, each head group must hold a "
-                    f"multiple of {group} heads, got {count} {kind} heads"
-                )
-            kv = (
-                slice(0, 1)
-                if self.num_kv_heads == 1
-                else slice(start // group, (start + count) // group)
-            )
+        for kind, count in self.head_counts._asdict().items():
+            end = start + count
+            kv = slice(0, 1) if self.num_kv_heads == 1 else slice(start // group, end // group)
             if count:
-                groups.append(_Group(kind, slice(start, start + count), kv))
-            start += count
-        return tuple(groups)
-
-    @property
-    def head_counts(self) -> dict[HeadKind, int]:
-        """Heads per kind, e.g. ``{"dilated": 6, "linear": 2}``."""
-        counts: dict[HeadKind, int] = {"dilated": 0, "linear": 0}
-        for group in self.groups:
-            counts[group.kind] = group.heads.stop - group.heads.start
-        return counts
+                groups.append(_Group(kind, slice(start, end), kv))
+            start = end
+        self.groups = tuple(groups)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, **kwargs: Any) -> Tensor:
         """Each group of heads ``(B, H_g, S_q, D)`` by its kind, concatenated along heads."""
@@ -138,5 +150,4 @@ class MixedHeadAttention(MultiheadDilatedAttention):
         return torch.cat(outputs, 1)  # (B, H, S_q, D)
 
     def extra_repr(self) -> str:
-        counts = ", ".join(f"{kind}={n}" for kind, n in self.head_counts.items())
-        return f"{super().extra_repr()}, heads=({counts})"
+        return f"{super().extra_repr()}, heads={self.head_counts}"

@@ -64,7 +64,7 @@ def test_each_head_group_equals_its_reference(
     out, _ = m(x, x, x, key_padding_mask=padding)
     expected = _mixed_reference(m, x, linear_heads, is_causal=is_causal, key_padding_mask=padding)
     torch.testing.assert_close(out, expected)
-    assert m.head_counts == {"dilated": 4 - linear_heads, "linear": linear_heads}
+    assert m.head_counts == (4 - linear_heads, linear_heads)
 
 
 def test_decoding_step_by_step_equals_the_full_forward() -> None:
@@ -88,7 +88,7 @@ def test_decoding_step_by_step_equals_the_full_forward() -> None:
     [
         ({"linear_heads": 5}, r"linear_heads must be in \[0, 4\], got 5"),
         ({"linear_heads": 1.0}, "linear_heads must be an integer"),
-        ({"linear_heads": 1, "num_kv_heads": 2}, "multiple of 2 heads, got 3 dilated heads"),
+        ({"linear_heads": 1, "num_kv_heads": 2}, "a multiple of 2 heads, got 3 dilated heads"),
         ({"linear_heads": 2, "position": "alibi"}, "act on dilated heads only"),
         ({"linear_heads": 2, "dropout": 0.1}, "act on dilated heads only"),
         ({"linear_chunk_size": 0}, "linear_chunk_size must be a positive integer"),
