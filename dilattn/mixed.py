@@ -21,6 +21,7 @@ from dilattn.modules import MultiheadDilatedAttention
 
 __all__ = ["HeadCounts", "MixedHeadAttention", "check_head_counts"]
 
+
 class HeadCounts(NamedTuple):
     """Heads of each kind in one layer, in head order: ``HeadCounts(dilated=6, linear=2)``;
     a plain tuple ``(6, 2)`` works too."""
