@@ -7,8 +7,11 @@ Studies (``--studies``): ``paper`` (the paper's configuration against dense SDPA
 gathered flex path and the one-line mask, forward and forward+backward, up to the longest
 length that fits), ``peer`` (head-for-head against dilated-attention-pytorch 0.2.0),
 ``long`` (forward to 8M tokens, forward+backward to 4M), ``d128`` (H=8, D=128), ``pow2``
-(r = 1, 2, 4, 8, 16) and ``lengths`` (20 different lengths
-through a compiled module: compile count, no eager flex). Inputs rotate between several
+(r = 1, 2, 4, 8, 16), ``lengths`` (20 different lengths
+through a compiled module: compile count, no eager flex) and ``local`` (causal local
+attention, window 512, one bucket back, H=8 D=64: dilattn's sliding and bucketed windows
+against the ``local-attention`` package and flex with a ``create_block_mask`` sliding window,
+whose mask build time is noted). Inputs rotate between several
 sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
 after warm-up; TFLOP/s count useful FLOPs (design.md §2) and are set against the bf16 matmul
 peak measured in the same run. ``--quick`` runs tiny sizes (CPU too) to prove it works.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import dilattn
 from dilattn.config import DilatedConfig
@@ -273,6 +276,70 @@ def study_lengths(bench: Bench, seq_lens: Sequence[int]) -> None:
     )
 
 
+def _timed(build: Callable[[], Any], bench: Bench) -> tuple[Any, float]:
+    """``build()`` and the seconds it took (synchronised)."""
+    start = time.perf_counter()
+    built = build()
+    if bench.cuda:
+        torch.cuda.synchronize()
+    return built, time.perf_counter() - start
+
+
+Impl = tuple[str, Callable[[list[Tensor]], Tensor], float, str]  # name, call, FLOPs, note
+
+
+def _local_impls(bench: Bench, S: int, W: int, H: int, D: int, peer: Any, flex: Any) -> list[Impl]:
+    """The implementations of the ``local`` study at length ``S``, their masks built."""
+    from dilattn._window import Window, window_block_mask
+
+    flops = {e: 4 * H * S * D * (W + (1 if e else (W + 1) / 2)) for e in (True, False)}
+    impls: list[Impl] = []
+    for exact, kind in ((True, "sliding"), (False, "bucketed")):
+        window = Window(W, 1, 0, exact, True)
+        _, seconds = _timed(
+            lambda w=window: window_block_mask(w, q_len=S, kv_len=S, device=bench.device), bench
+        )
+        call = lambda qkv, e=exact: dilattn.local_attention(  # type: ignore[misc]
+            *qkv, W, is_causal=True, exact_windowsize=e
+        )
+        impls.append((f"dilattn-local-{kind}", call, flops[exact], f"mask {seconds:.3f} s"))
+    if peer is not None:
+        impls.append(("local-attention", lambda qkv: peer(*qkv), flops[False], ""))
+    if (4096 if bench.quick else 1 << 17) >= S:
+
+        def sliding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (kv_idx <= q_idx) & (q_idx - kv_idx <= W)
+
+        mask, seconds = _timed(
+            lambda: create_block_mask(sliding, None, None, S, S, device=bench.device), bench
+        )
+        call = lambda qkv: flex(*qkv, block_mask=mask)
+        impls.append(("flex-create_block_mask", call, flops[True], f"mask {seconds:.3f} s"))
+    return impls
+
+
+def study_local(bench: Bench, seq_lens: Sequence[int]) -> None:
+    """Causal local attention, window ``W`` with one bucket back, ``B=1 H=8 D=64``: dilattn's
+    sliding and bucketed windows (analytic block mask; its build time noted),
+    ``local-attention`` 1.11.2 (bucketed) and flex with a ``create_block_mask`` sliding window
+    (build time noted; up to 128K, as it evaluates every block pair). Useful FLOPs count the
+    visible pairs: ``W + 1`` keys per query sliding, ``W + (W + 1) / 2`` on average bucketed.
+    Forward+backward on CUDA only (flex has no CPU backward)."""
+    H, D, W = 8, 64, 16 if bench.quick else 512
+    peer = None
+    if importlib.util.find_spec("local_attention") is not None:
+        from local_attention import LocalAttention as Peer  # type: ignore[import-untyped]
+
+        peer = Peer(window_size=W, causal=True, look_backward=1)
+    flex = torch.compile(flex_attention, dynamic=False) if bench.cuda else flex_attention
+    for backward in (False, True) if bench.cuda else (False,):
+        for S in seq_lens:
+            make = lambda: _qkv(bench, 1, H, S, D, "bhsd", backward)  # noqa: B023
+            for name, call, work, note in _local_impls(bench, S, W, H, D, peer, flex):
+                _measure(bench, "local", name, S, make, call, work, backward)
+                bench.rows[-1].setdefault("note", note)
+
+
 def _matmul_tflops(bench: Bench) -> float | None:
     if not bench.cuda:
         return None
@@ -327,7 +394,9 @@ def _write_json(path: Path, bench: Bench, peak: float | None, argv: list[str] | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--studies", nargs="+", default=["paper", "long", "peer", "d128", "pow2", "lengths"]
+        "--studies",
+        nargs="+",
+        default=["paper", "long", "peer", "d128", "pow2", "lengths", "local"],
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (works on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -367,10 +436,13 @@ def main(argv: list[str] | None = None) -> int:
             top = 1 << 11 if quick else 1 << 23
             study_paper(bench, Setup([top // 4, top // 2, top], backward=[False]), study)
             study_paper(bench, Setup([top // 4, top // 2], backward=[True]), study)
+        elif study == "local":
+            study_local(bench, [64, 256] if quick else lens)
         elif study in setups:
             study_paper(bench, setups[study], study)
         else:
-            parser.error(f"unknown study {study!r}; choose from {sorted([*setups, 'lengths'])}")
+            choices = sorted([*setups, "lengths", "long", "local"])
+            parser.error(f"unknown study {study!r}; choose from {choices}")
         if args.json:  # after every study, so a cut-off run keeps what it measured
             _write_json(args.json, bench, peak, argv)
     _table(console, bench.rows, peak)

@@ -17,6 +17,10 @@ Three ways in:
   positions (:mod:`dilattn.positions`) and a :class:`KVCache` for decoding;
 * :mod:`dilattn.reference`: dense, obviously correct, for checking kernels.
 
+Local windowed attention: :func:`local_attention` / :class:`LocalAttention` (a drop-in for
+the ``local-attention`` package's module), or a ``local_window`` branch merged into dilated
+attention.
+
 Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
 ``attn_implementation="dilated"``.
 
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
+from dilattn.local import LocalAttention, local_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
 from dilattn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
@@ -66,6 +71,7 @@ __all__ = [
     "FlexMask",
     "HeadOffsets",
     "KVCache",
+    "LocalAttention",
     "LongNet",
     "LongNetConfig",
     "LongNetLM",
@@ -81,6 +87,7 @@ __all__ = [
     "dilated_score_mod",
     "flex_mask",
     "gather_sequence",
+    "local_attention",
     "merge_by_lse",
     "rotary",
     "shard_sequence",
@@ -92,6 +99,7 @@ _DISTRIBUTED = {
     "ParallelDilatedAttention",
     "dilated_attention_parallel",
     "gather_sequence",
+    "local_attention",
     "shard_sequence",
 }
 

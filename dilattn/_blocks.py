@@ -43,6 +43,22 @@ class Spans(NamedTuple):
         """The same touched blocks, none of them full (so the ``mask_mod`` runs on all)."""
         return self._replace(full_hi=self.full_lo)
 
+    def union(self, other: Spans) -> Spans:
+        """The spans of the union of two masks; sound when, per block, the two touched (and
+        the two full) intervals overlap or meet wherever both are non-empty."""
+
+        def join(lo: Tensor, hi: Tensor, lo2: Tensor, hi2: Tensor) -> tuple[Tensor, Tensor]:
+            one, two = lo < hi, lo2 < hi2
+            both = one & two
+            new_lo = torch.where(both, torch.minimum(lo, lo2), torch.where(one, lo, lo2))
+            new_hi = torch.where(both, torch.maximum(hi, hi2), torch.where(one, hi, hi2))
+            return new_lo, new_hi
+
+        return Spans(
+            *join(self.lo, self.hi, other.lo, other.hi),
+            *join(self.full_lo, self.full_hi, other.full_lo, other.full_hi),
+        )
+
 
 def _ordered(spans: Spans, n_other: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(num_blocks, indices, full_num_blocks, full_indices)`` as ``BlockMask`` stores them,

@@ -102,6 +102,13 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def non_negative_int(name: str, value: object) -> int:
+    """``value``, an ``int >= 0`` (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def number_in(
     name: str, value: object, low: float, high: float, *, open_low: bool = False
 ) -> float:

@@ -214,10 +214,19 @@ class _Case:
     causal: bool
     heads: int = 2
     kv_heads: int = 2
+    local_window: int | None = None
 
     def attend(self, fn: Callable[..., object], *qkv: Tensor, **kwargs: Any) -> Tensor:
         """``fn(q, k, v, segments, rates, ...)`` for this case."""
-        out = fn(*qkv, self.segments, self.rates, is_causal=self.causal, enable_gqa=True, **kwargs)
+        out = fn(
+            *qkv,
+            self.segments,
+            self.rates,
+            is_causal=self.causal,
+            enable_gqa=True,
+            local_window=self.local_window,
+            **kwargs,
+        )
         return _tensor(out)
 
 
@@ -241,6 +250,7 @@ _CASES = (
     _Case("GQA 4q/2kv", (8, 16), (1, 2), 40, causal=True, heads=4, kv_heads=2),
     _Case("no r=1 branch", (8, 16), (2, 4), 33, causal=False, heads=4, kv_heads=4),
     _Case("S < segments", (64, 128), (1, 2), 23, causal=True),
+    _Case("local window 5", (8, 16), (2, 4), 41, causal=True, local_window=5),
 )
 
 
@@ -264,6 +274,7 @@ def _one_line_path(flex: Callable[..., object], block_size: int) -> Attend:
             is_causal=case.causal,
             block_size=block_size,
             device=q.device,
+            local_window=case.local_window,
         )
         return _tensor(
             flex(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=True)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from dilattn._checks import positive_int
+
 __all__ = ["DilatedConfig", "HeadOffsets"]
 
 HeadOffsets = Literal["cyclic", "grouped", "split"]
@@ -50,7 +52,9 @@ class DilatedConfig:
 
     Branch ``(w, r)`` splits positions into segments ``[j*w, (j+1)*w)``; inside a segment,
     position ``p`` takes part for head ``h`` iff ``(p - j*w) % r == offset(h, r)``.
-    Validation raises ``ValueError`` naming the argument.
+    ``local_window=n`` adds a local branch for every head: the sliding window
+    ``|p - p'| <= n`` (``p' <= p`` too when causal). Validation raises ``ValueError`` naming
+    the argument.
 
     Example::
 
@@ -61,6 +65,7 @@ class DilatedConfig:
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     head_offsets: HeadOffsets = "cyclic"
+    local_window: int | None = None
 
     def __post_init__(self) -> None:
         segments = _positive_ints("segment_lengths", self.segment_lengths)
@@ -81,6 +86,10 @@ class DilatedConfig:
             raise ValueError(
                 f"head_offsets must be 'cyclic', 'grouped' or 'split', got {self.head_offsets!r}"
             )
+        if self.local_window is not None:
+            if self.head_offsets == "split":
+                raise ValueError("local_window does not combine with head_offsets='split'")
+            positive_int("local_window", self.local_window)
         object.__setattr__(self, "segment_lengths", segments)
         object.__setattr__(self, "dilation_rates", rates)
 
@@ -119,10 +128,14 @@ class DilatedConfig:
         is_causal: bool = False,
     ) -> float:
         """Useful FLOPs of one forward: ``sum_i 4 * B * H_i * S * min(w_i, S) * D / r_i**2``
-        (``H_i`` the heads that compute branch ``i``), halved when causal (design.md, §2)."""
+        (``H_i`` the heads that compute branch ``i``), plus ``4 * B * H * S * min(2n + 1, S) * D``
+        for a local window ``n``, halved when causal (design.md, §2)."""
         heads = [sum(o >= 0 for o in offsets) for offsets in self.offsets(num_heads)]
         total = sum(
             4 * batch_size * h * seq_len * min(w, seq_len) * head_dim / r**2
             for (w, r), h in zip(self.branches, heads, strict=True)
         )
+        if self.local_window is not None:
+            keys = min(2 * self.local_window + 1, seq_len)
+            total += 4 * batch_size * num_heads * seq_len * keys * head_dim
         return total / 2 if is_causal else total

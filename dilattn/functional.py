@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,7 +19,9 @@ from dilattn._checks import (
     number_in,
 )
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
+from dilattn._window import sliding_window, window_attention
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.merge import merge_by_lse
 
 __all__ = ["dilated_attention", "resolve_backend"]
 
@@ -98,6 +100,7 @@ def dilated_attention(
     score_mod: _score_mod_signature | None = None,
     q_offset: int = 0,
     dropout_p: float = 0.0,
+    local_window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """LongNet dilated attention (arXiv 2307.02486), exactly, on SDPA's layout.
 
@@ -146,13 +149,18 @@ def dilated_attention(
         q_offset: the position of query row 0 (default 0: both aligned at 0, as in SDPA).
         dropout_p: dropout on each branch's attention probabilities (the merge weights are
             not dropped); ``backend="math"`` only, applied whenever ``dropout_p > 0``.
+        local_window: ``n``: one more branch for every head, the sliding window
+            ``|p - p'| <= n`` (causal: ``p - n <= p' <= p``), merged by its softmax
+            denominator like the others (:func:`dilattn.local_attention` computes it alone).
 
     Returns:
         ``(B, H, S_q, D_v)`` in the input dtype, and the lse when ``return_lse``.
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference``.
     """
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     check_score_mod(score_mod)
     q_offset = check_q_offset(q_offset)
@@ -173,6 +181,7 @@ def dilated_attention(
         "score_mod": score_mod is not None,
         "q_offset": q_offset != 0,
         "dropout_p": dropout_p > 0,
+        "local_window": local_window is not None,
     }
     chosen = resolve_backend(
         backend,
@@ -195,6 +204,14 @@ def dilated_attention(
             scale=default_scale(scale, shapes.head_dim),
         )
         return (out, lse) if return_lse else out
+    mods = PositionMods(visibility_mask_mod(padding, documents), score_mod)
+    common: dict[str, Any] = {
+        "scale": default_scale(scale, shapes.head_dim),
+        "backend": chosen,
+        "q_offset": q_offset,
+        "mods": mods,
+        "dropout_p": dropout_p,
+    }
     out, lse = branch_attention(
         query,
         key,
@@ -202,10 +219,10 @@ def dilated_attention(
         config.branches,
         config.offsets(shapes.q_heads),
         is_causal=is_causal,
-        scale=default_scale(scale, shapes.head_dim),
-        backend=chosen,
-        q_offset=q_offset,
-        mods=PositionMods(visibility_mask_mod(padding, documents), score_mod),
-        dropout_p=dropout_p,
+        **common,
     )
+    if config.local_window is not None:
+        window = sliding_window(config.local_window, is_causal)
+        local_out, local_lse = window_attention(query, key, value, window, **common)
+        out, lse = merge_by_lse([out, local_out], [lse, local_lse])
     return (out, lse) if return_lse else out

@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import (
 from dilattn._blocks import block_mask_from_spans, union_spans, union_width
 from dilattn._checks import as_device, check_score_mod
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
+from dilattn._window import sliding_window, window_spans, window_width
 from dilattn.config import DilatedConfig, HeadOffsets
 
 __all__ = ["FlexMask", "dilated_mask_mod", "dilated_score_mod", "flex_mask"]
@@ -33,7 +34,8 @@ def _name(config: DilatedConfig, is_causal: bool) -> str:
     w = "-".join(map(str, config.segment_lengths))
     r = "-".join(map(str, config.dilation_rates))
     kind = "" if config.head_offsets == "cyclic" else f"_{config.head_offsets}"
-    return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{kind}"
+    local = "" if config.local_window is None else f"_local{config.local_window}"
+    return f"dilated{'_causal' if is_causal else ''}_w{w}_r{r}{kind}{local}"
 
 
 def _owned(offsets: tuple[int, ...]) -> tuple[int, int]:
@@ -49,6 +51,7 @@ def _multiplicity_fn(
     grouped = config.head_offsets == "grouped"
     branches = [(w, r, math.ceil(num_heads / r)) for w, r in config.branches]
     owners = [_owned(offsets) for offsets in config.offsets(num_heads)]
+    local = None if config.local_window is None else sliding_window(config.local_window, False)
 
     def count(h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         total = None
@@ -63,7 +66,7 @@ def _multiplicity_fn(
                 hit = hit & (h >= lo) & (h < hi)
             total = hit.to(torch.int32) if total is None else total + hit.to(torch.int32)
         assert total is not None  # a config has at least one branch
-        return total
+        return total if local is None else total + local.visible(q_idx, kv_idx).to(torch.int32)
 
     return count
 
@@ -75,12 +78,16 @@ def dilated_mask_mod(
     num_heads: int,
     is_causal: bool = False,
     head_offsets: HeadOffsets = "cyclic",
+    local_window: int | None = None,
 ) -> _mask_mod_signature:
     """A flex ``mask_mod``: query ``q_idx`` sees ``kv_idx`` for head ``h`` iff some branch
     ``(w, r)`` holds both in one segment (``q_idx // w == kv_idx // w``) with both taking part
-    (``(idx % w) % r == offset(h, r)``), and, when causal, ``kv_idx <= q_idx``.
-    ``h`` is the query head; ``num_heads`` the number of query heads."""
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    (``(idx % w) % r == offset(h, r)``) or ``|q_idx - kv_idx| <= local_window``, and, when
+    causal, ``kv_idx <= q_idx``. ``h`` is the query head; ``num_heads`` the number of query
+    heads."""
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     count = _multiplicity_fn(config, num_heads)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -97,10 +104,13 @@ def dilated_score_mod(
     *,
     num_heads: int,
     head_offsets: HeadOffsets = "cyclic",
+    local_window: int | None = None,
 ) -> _score_mod_signature:
     """A flex ``score_mod`` adding ``log m(h, q_idx, kv_idx)``: the log of the number of branches
-    in which the query sees the key (``-inf`` where none does)."""
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    (the local window included) in which the query sees the key (``-inf`` where none does)."""
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     count = _multiplicity_fn(config, num_heads)
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -132,6 +142,7 @@ def flex_mask(
     document_ids: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     score_mod: _score_mod_signature | None = None,
+    local_window: int | None = None,
 ) -> FlexMask:
     """Dilated attention as one ``flex_attention`` call: the one-line mask.
 
@@ -158,6 +169,8 @@ def flex_mask(
         cu_seqlens: ``(n + 1,)`` cumulative document lengths, instead of ``document_ids``.
         score_mod: your ``score_mod(score, b, h, q_idx, kv_idx)``, applied to the scaled
             score before ``+ log m`` (e.g. :func:`dilattn.alibi_score_mod`).
+        local_window: ``n``: a local branch ``|q_idx - kv_idx| <= n`` counted in ``m`` like
+            a dilated one (its blocks are in the block mask).
 
     Returns:
         ``FlexMask(block_mask, score_mod)``. The block mask is built analytically from block
@@ -167,7 +180,9 @@ def flex_mask(
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     kv_len = q_len if kv_len is None else kv_len
     for name, value in (
         ("q_len", q_len),
@@ -202,12 +217,21 @@ def flex_mask(
         )
         for this, other, sign in ((q_len, kv_len, 1), (kv_len, q_len, -1))
     )
+    width = union_width(config.branches, block_size)
+    if local_window is not None:
+        window = sliding_window(local_window, is_causal)
+        local_rows, local_cols = window_spans(
+            window, q_len=q_len, kv_len=kv_len, q_offset=0, block_size=block_size, device=dev
+        )
+        rows, cols = rows.union(local_rows), cols.union(local_cols)
+        width = max(width, window_width(window, block_size))
     mask_mod = dilated_mask_mod(
         config.segment_lengths,
         config.dilation_rates,
         num_heads=num_heads,
         is_causal=is_causal,
         head_offsets=head_offsets,
+        local_window=local_window,
     )
     visible = visibility_mask_mod(padding, documents)
     if visible is not None:
@@ -215,7 +239,6 @@ def flex_mask(
         mask_mod = and_masks(mask_mod, visible)
         mask_mod.__name__ = name
         rows, cols = rows.without_full(), cols.without_full()
-    width = union_width(config.branches, block_size)
     block_mask = block_mask_from_spans(
         rows,
         cols,
@@ -229,6 +252,7 @@ def flex_mask(
         config.dilation_rates,
         num_heads=num_heads,
         head_offsets=head_offsets,
+        local_window=local_window,
     )
     return FlexMask(block_mask, log_m if score_mod is None else _then(score_mod, log_m))
 

@@ -49,9 +49,12 @@ class DilatedAttention(nn.Module):
         enable_gqa: bool = False,
         head_offsets: HeadOffsets = "cyclic",
         backend: BackendName = "auto",
+        local_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+        self.config = DilatedConfig(
+            tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        )
         self.is_causal = is_causal
         self.scale = scale
         self.enable_gqa = enable_gqa
@@ -87,15 +90,18 @@ class DilatedAttention(nn.Module):
             cu_seqlens=cu_seqlens,
             score_mod=score_mod,
             q_offset=q_offset,
+            local_window=self.config.local_window,
         )
         assert isinstance(out, Tensor)
         return out
 
     def extra_repr(self) -> str:
         c = self.config
+        local = "" if c.local_window is None else f", local_window={c.local_window}"
         return (
-            f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}, "
-            f"is_causal={self.is_causal}, head_offsets={c.head_offsets!r}, backend={self.backend!r}"
+            f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}"
+            f"{local}, is_causal={self.is_causal}, head_offsets={c.head_offsets!r}, "
+            f"backend={self.backend!r}"
         )
 
 
@@ -134,6 +140,8 @@ class MultiheadDilatedAttention(nn.Module):
         head_offsets, backend: as in :func:`dilattn.dilated_attention`.
         layer_norm_eps: epsilon of the LayerNorms.
         rotary_base: ``base`` of rotary and xPos; xpos_scale_base: xPos's ``scale_base``.
+        local_window: a local sliding-window branch ``|p - p'| <= local_window`` merged with
+            the dilated ones (:func:`dilattn.dilated_attention`).
         device, dtype: of the parameters.
 
     Equivalent PyTorch code: the projections around
@@ -162,6 +170,7 @@ class MultiheadDilatedAttention(nn.Module):
         layer_norm_eps: float = 1e-5,
         rotary_base: float = 10000.0,
         xpos_scale_base: float = 512.0,
+        local_window: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -188,7 +197,9 @@ class MultiheadDilatedAttention(nn.Module):
             )
         if position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(f"position={position!r} needs an even head dim, got {self.head_dim}")
-        self.config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+        self.config = DilatedConfig(
+            tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        )
         self.dropout = number_in("dropout", dropout, 0.0, 1.0)
         self.gamma_init = number_in("gamma_init", gamma_init, 0.0, math.inf, open_low=True)
         self.position: Position | None = position
@@ -357,6 +368,7 @@ class MultiheadDilatedAttention(nn.Module):
             score_mod=self._score_mod(),
             q_offset=q_offset,
             dropout_p=self.dropout if self.training else 0.0,
+            local_window=self.config.local_window,
             **kwargs,
         )
         assert isinstance(out, Tensor)
@@ -399,6 +411,7 @@ class MultiheadDilatedAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}",
             f"num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else "",
             f"segment_lengths={list(c.segment_lengths)}, dilation_rates={list(c.dilation_rates)}",
+            f"local_window={c.local_window}" if c.local_window is not None else "",
             f"position={self.position!r}" if self.position else "",
             f"dropout={self.dropout}" if self.dropout else "",
             f"is_causal={self.is_causal}, backend={self.backend!r}",

@@ -9,6 +9,8 @@ tokens, in ``float64`` for a ground truth.
 * :func:`dilated_attention_dense` runs ONE softmax over all keys with the additive bias
   ``log m``, where ``m`` counts the branches in which a query sees a key. The two agree:
   that identity is what makes :func:`dilattn.flex_mask` exact.
+* :func:`local_attention_reference` is masked softmax attention over :func:`local_mask`; a
+  ``local_window`` of the dilated functions is one more branch, merged like the others.
 
 Both also define the extras every path honours:
 
@@ -37,16 +39,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import check_attention_inputs, check_q_offset, check_score_mod, default_scale
+from dilattn._checks import (
+    as_device,
+    check_attention_inputs,
+    check_q_offset,
+    check_score_mod,
+    default_scale,
+)
 from dilattn._softmax import softmax_with_lse
 from dilattn._varlen import check_variable_lengths
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.local import make_window
 
 __all__ = [
     "branch_mask",
     "dilated_attention_dense",
     "dilated_attention_reference",
     "linear_attention_reference",
+    "local_attention_reference",
+    "local_mask",
     "multiplicity",
 ]
 
@@ -80,6 +91,67 @@ def branch_mask(
     return mask & (k <= q) if is_causal else mask
 
 
+def local_mask(
+    window_size: int,
+    *,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool = False,
+    q_offset: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Which key each query sees in a local window: bool ``(S_q, S_kv)``.
+
+    Query row ``i`` at ``p = q_offset + i``, key ``j`` at ``p' = j``, ``W = window_size``.
+    Sliding (``exact_windowsize``): ``p - look_backward * W <= p' <= p + look_forward * W``.
+    Bucketed: ``p // W - look_backward <= p' // W <= p // W + look_forward``. Causal: and
+    ``p' <= p``. ``look_forward`` defaults to 0 when causal, else 1.
+    """
+    window = make_window(
+        window_size,
+        look_backward=look_backward,
+        look_forward=look_forward,
+        exact_windowsize=exact_windowsize,
+        is_causal=is_causal,
+    )
+    W, back, ahead = window.size, window.backward, window.forward
+    q = torch.arange(q_offset, q_offset + q_len, device=device).view(-1, 1)
+    k = torch.arange(kv_len, device=device).view(1, -1)
+    if exact_windowsize:
+        mask = (k >= q - back * W) & (k <= q + ahead * W)
+    else:
+        mask = (k // W >= q // W - back) & (k // W <= q // W + ahead)
+    return mask & (k <= q) if is_causal else mask
+
+
+def _local_branch(
+    local_window: int | None,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool,
+    q_offset: int,
+    device: torch.device,
+) -> list[Tensor]:
+    """The local branch of a dilated configuration, ``[(1, S_q, S_kv)]``, or ``[]``."""
+    if local_window is None:
+        return []
+    mask = local_mask(
+        local_window,
+        look_backward=1,
+        look_forward=0 if is_causal else 1,
+        exact_windowsize=True,
+        q_len=q_len,
+        kv_len=kv_len,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        device=device,
+    )
+    return [mask[None]]
+
+
 def multiplicity(
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
@@ -91,10 +163,13 @@ def multiplicity(
     head_offsets: HeadOffsets = "cyclic",
     q_offset: int = 0,
     device: torch.device | str | None = None,
+    local_window: int | None = None,
 ) -> Tensor:
-    """``m(h, p, p')``: in how many branches query ``p`` sees key ``p'``;
-    int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    """``m(h, p, p')``: in how many branches (the local one included) query ``p`` sees key
+    ``p'``; int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     kv_len = q_len if kv_len is None else kv_len
     masks = [
         branch_mask(
@@ -109,7 +184,8 @@ def multiplicity(
         )
         for (w, r), offsets in zip(config.branches, config.offsets(num_heads), strict=True)
     ]
-    return torch.stack(masks).sum(0)
+    local = _local_branch(local_window, q_len, kv_len, is_causal, q_offset, as_device(device))
+    return torch.stack(masks + [m.expand_as(masks[0]) for m in local]).sum(0)
 
 
 class _Extras(NamedTuple):
@@ -197,6 +273,7 @@ def dilated_attention_reference(
     cu_seqlens: Tensor | None = None,
     score_mod: _score_mod_signature | None = None,
     q_offset: int = 0,
+    local_window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention by the definition: branch by branch, merged by softmax denominators.
 
@@ -216,12 +293,16 @@ def dilated_attention_reference(
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` at absolute positions,
             on the scaled score, before the masks.
         q_offset: the position of query row 0 (keys start at 0).
+        local_window: ``n``: one more branch, the sliding window ``|p - p'| <= n`` (every
+            head; causal: ``p - n <= p' <= p``), merged like the dilated ones.
 
     Returns:
         ``(B, H, S_q, D_v)``: ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``;
         rows that see no key give 0 (and ``L = -inf``).
     """
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    config = DilatedConfig(
+        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+    )
     key, value, extras = _prepare(
         query,
         key,
@@ -235,9 +316,8 @@ def dilated_attention_reference(
     )
     scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    outputs, lses = [], []
-    for (w, r), offsets in zip(config.branches, config.offsets(query.shape[1]), strict=True):
-        mask = branch_mask(
+    masks = [
+        branch_mask(
             w,
             r,
             offsets,
@@ -247,6 +327,11 @@ def dilated_attention_reference(
             q_offset=extras.q_offset,
             device=query.device,
         )
+        for (w, r), offsets in zip(config.branches, config.offsets(query.shape[1]), strict=True)
+    ]
+    masks += _local_branch(local_window, q_len, kv_len, is_causal, extras.q_offset, query.device)
+    outputs, lses = [], []
+    for mask in masks:
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
         probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
         outputs.append(probs @ value)
@@ -273,6 +358,7 @@ def dilated_attention_dense(
     cu_seqlens: Tensor | None = None,
     score_mod: _score_mod_signature | None = None,
     q_offset: int = 0,
+    local_window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The same function as :func:`dilated_attention_reference`, as ONE softmax over all keys
     with bias ``log m(h, p, p')`` (``-inf`` where ``m = 0``). Arguments and result likewise."""
@@ -297,9 +383,60 @@ def dilated_attention_dense(
         head_offsets=head_offsets,
         q_offset=extras.q_offset,
         device=query.device,
+        local_window=local_window,
     )
     scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
     probs, lse = _masked_softmax(scores, torch.log(m.to(query.dtype)), extras)  # log 0 = -inf
+    out = probs @ value
+    return (out, lse) if return_lse else out
+
+
+def local_attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    window_size: int,
+    *,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    score_mod: _score_mod_signature | None = None,
+    q_offset: int = 0,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Local attention by the definition: softmax over the keys of :func:`local_mask`.
+    Arguments and result as :func:`dilattn.local_attention`."""
+    key, value, extras = _prepare(
+        query,
+        key,
+        value,
+        enable_gqa,
+        key_padding_mask,
+        document_ids,
+        cu_seqlens,
+        score_mod,
+        q_offset,
+    )
+    mask = local_mask(
+        window_size,
+        look_backward=look_backward,
+        look_forward=look_forward,
+        exact_windowsize=exact_windowsize,
+        q_len=query.shape[-2],
+        kv_len=key.shape[-2],
+        is_causal=is_causal,
+        q_offset=extras.q_offset,
+        device=query.device,
+    )
+    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
+    probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
     out = probs @ value
     return (out, lse) if return_lse else out
 

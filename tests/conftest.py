@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import BlockMask
 
 from dilattn import MultiheadDilatedAttention, T5RelativeBias, alibi_score_mod, rotary, xpos
 from dilattn.reference import dilated_attention_reference
@@ -111,6 +112,53 @@ def cases(
         is_causal=draw(st.booleans()) if causal is None else causal,
         head_offsets=draw(st.sampled_from(["cyclic", "grouped"])),
     )
+
+
+def _dense(num: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
+    """Expand ``(num_blocks, indices)`` rows into a dense bool block matrix."""
+    listed = torch.arange(indices.shape[-1]) < num.unsqueeze(-1)
+    target = torch.where(listed, indices.long(), cols)
+    dense = torch.zeros(*num.shape, cols + 1, dtype=torch.bool)
+    return dense.scatter_(-1, target, True)[..., :cols]
+
+
+def _blocks_of(mask: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(touched, full)`` per block pair of an element mask ``(B, H, Sq, Skv)``, over all heads;
+    entries past the sequence ends do not exist (flex masks them itself)."""
+    B, H, Sq, Skv = mask.shape
+    nq, nk = -(-Sq // bs), -(-Skv // bs)
+    padded = torch.zeros(B, H, nq * bs, nk * bs, dtype=torch.bool)
+    real = padded.clone()
+    padded[..., :Sq, :Skv] = mask
+    real[..., :Sq, :Skv] = True
+    blocks = padded.view(B, H, nq, bs, nk, bs)
+    touched = blocks.any(5).any(3).any(1)
+    full = (blocks | ~real.view(B, H, nq, bs, nk, bs)).all(5).all(3).all(1)
+    return touched, full
+
+
+def check_block_mask(
+    bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full: bool, tight_touched: bool
+) -> None:
+    """``bm`` is sound for the element mask ``mask`` ``(B, H, Sq, Skv)``: every visible entry
+    lies in a listed block, full blocks are fully visible (and, where ``tight_*``, the lists
+    are exactly the blocks with a visible entry / fully visible), the transpose agrees."""
+    nq, nk = bm.kv_num_blocks.shape[-1], bm.q_num_blocks.shape[-1]
+    partial = _dense(bm.kv_num_blocks, bm.kv_indices, nk)[:, 0]
+    full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[:, 0]
+    true_touched, true_full = _blocks_of(mask, bs)
+    assert not (partial & full).any(), "a block is both partial and full"
+    assert not (true_touched & ~(partial | full)).any(), "a visible entry lies in a skipped block"
+    assert not (full & ~true_full).any(), "a block marked full has masked entries"
+    if tight_touched:
+        assert torch.equal(partial | full, true_touched.expand_as(full))
+    if tight_full:
+        assert torch.equal(full, true_full.expand_as(full))
+    # the backward pass reads the transpose: it must be exactly the transpose
+    q_partial = _dense(bm.q_num_blocks, bm.q_indices, nq)[:, 0]
+    q_full = _dense(bm.full_q_num_blocks, bm.full_q_indices, nq)[:, 0]
+    assert torch.equal(q_partial, partial.transpose(-1, -2))
+    assert torch.equal(q_full, full.transpose(-1, -2))
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -32,6 +32,19 @@ def test_quick_suite_writes_rows_for_every_impl(tmp_path: Path) -> None:
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows if r.get("ms"))
 
 
+def test_quick_local_study_times_every_impl(tmp_path: Path) -> None:
+    out = tmp_path / "local.json"
+    suite = _load("suite")
+    assert suite.main(["--quick", "--studies", "local", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    impls = {"dilattn-local-sliding", "dilattn-local-bucketed", "flex-create_block_mask"}
+    if importlib.util.find_spec("local_attention") is not None:
+        impls.add("local-attention")
+    for S in (64, 256):
+        assert impls == {r["impl"] for r in rows if r["seq_len"] == S and r["ms"] > 0}
+    assert all(r["note"].startswith("mask ") for r in rows if r["impl"] != "local-attention")
+
+
 def test_plot_draws_the_json(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     data = {

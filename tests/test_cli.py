@@ -62,7 +62,7 @@ def test_mask_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_check_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--device", "cpu", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "20/20 passed" in out
+    assert "24/24 passed" in out
     assert "FAIL" not in out
 
 

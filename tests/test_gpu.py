@@ -19,8 +19,9 @@ from dilattn import (
     alibi_score_mod,
     dilated_attention,
     flex_mask,
+    local_attention,
 )
-from dilattn.reference import dilated_attention_reference
+from dilattn.reference import dilated_attention_reference, local_attention_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -283,6 +284,32 @@ def test_sequence_parallel_ranks_compiled_flex_bf16(is_causal: bool) -> None:
     kwargs = {"is_causal": is_causal, "enable_gqa": True}
     truth = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
     baseline = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
+    assert_within_budget(out, baseline, truth)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    baselines = torch.autograd.grad(baseline, (qb, kb, vb), grad)
+    for g, b, t in zip(grads, baselines, truths, strict=True):
+        assert_within_budget(g, b, t, factor=4.0)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "bucketed", "dilated+local"])
+@pytest.mark.parametrize("case", CASES[:2], ids=str)
+def test_local_forward_and_backward(case: Case, kind: str) -> None:
+    """Compiled flex with the analytic local block mask, alone or merged with dilated
+    branches, forward and backward, bf16."""
+    (q64, k64, v64), (q, k, v) = case.inputs(torch.bfloat16, device="cuda", requires_grad=True)
+    (qb, kb, vb) = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    gqa = {"enable_gqa": case.q_heads != case.kv_heads, "is_causal": case.is_causal}
+    if kind == "dilated+local":
+        args = (case.segment_lengths, case.dilation_rates)
+        ours = lambda *x: dilated_attention(*x, *args, **gqa, local_window=100, backend="flex")
+        ref = lambda *x: dilated_attention_reference(*x, *args, **gqa, local_window=100)
+    else:
+        window = {"window_size": 128, "exact_windowsize": kind == "sliding", **gqa}
+        ours = lambda *x: local_attention(*x, **window, backend="flex")
+        ref = lambda *x: local_attention_reference(*x, **window)
+    out, truth, baseline = ours(q, k, v), ref(q64, k64, v64), ref(qb, kb, vb)
     assert_within_budget(out, baseline, truth)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)

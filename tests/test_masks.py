@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import Case, assert_within_budget, cases, extras
+from conftest import Case, assert_within_budget, cases, check_block_mask, extras
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 from dilattn import alibi_score_mod, dilated_mask_mod, flex_mask
 from dilattn._blocks import block_mask_from_spans, prefix_spans
@@ -76,50 +76,6 @@ def test_one_line_mask_with_extras_has_no_full_blocks_and_named_mods() -> None:
     assert m.score_mod.__name__ == "alibi_2h_then_log_multiplicity_w32_r1"
 
 
-def _dense(num: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
-    """Expand ``(num_blocks, indices)`` rows into a dense bool block matrix."""
-    listed = torch.arange(indices.shape[-1]) < num.unsqueeze(-1)
-    target = torch.where(listed, indices.long(), cols)
-    dense = torch.zeros(*num.shape, cols + 1, dtype=torch.bool)
-    return dense.scatter_(-1, target, True)[..., :cols]
-
-
-def _blocks_of(mask: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(touched, full)`` per block pair of an element mask ``(B, H, Sq, Skv)``, over all heads;
-    entries past the sequence ends do not exist (flex masks them itself)."""
-    B, H, Sq, Skv = mask.shape
-    nq, nk = -(-Sq // bs), -(-Skv // bs)
-    padded = torch.zeros(B, H, nq * bs, nk * bs, dtype=torch.bool)
-    real = padded.clone()
-    padded[..., :Sq, :Skv] = mask
-    real[..., :Sq, :Skv] = True
-    blocks = padded.view(B, H, nq, bs, nk, bs)
-    touched = blocks.any(5).any(3).any(1)
-    full = (blocks | ~real.view(B, H, nq, bs, nk, bs)).all(5).all(3).all(1)
-    return touched, full
-
-
-def _check_block_mask(
-    bm: BlockMask, mask: torch.Tensor, bs: int, *, tight_full: bool, tight_touched: bool
-) -> None:
-    nq, nk = bm.kv_num_blocks.shape[-1], bm.q_num_blocks.shape[-1]
-    partial = _dense(bm.kv_num_blocks, bm.kv_indices, nk)[:, 0]
-    full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[:, 0]
-    true_touched, true_full = _blocks_of(mask, bs)
-    assert not (partial & full).any(), "a block is both partial and full"
-    assert not (true_touched & ~(partial | full)).any(), "a visible entry lies in a skipped block"
-    assert not (full & ~true_full).any(), "a block marked full has masked entries"
-    if tight_touched:
-        assert torch.equal(partial | full, true_touched.expand_as(full))
-    if tight_full:
-        assert torch.equal(full, true_full.expand_as(full))
-    # the backward pass reads the transpose: it must be exactly the transpose
-    q_partial = _dense(bm.q_num_blocks, bm.q_indices, nq)[:, 0]
-    q_full = _dense(bm.full_q_num_blocks, bm.full_q_indices, nq)[:, 0]
-    assert torch.equal(q_partial, partial.transpose(-1, -2))
-    assert torch.equal(q_full, full.transpose(-1, -2))
-
-
 @given(case=cases(max_len=80, max_segment=40), block_size=st.sampled_from([2, 4, 8, 16]))
 def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
     args = (case.segment_lengths, case.dilation_rates)
@@ -144,7 +100,7 @@ def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
         > 0
     )
     only_rate_one = set(case.dilation_rates) == {1}
-    _check_block_mask(
+    check_block_mask(
         m.block_mask,
         visible[None],
         block_size,
@@ -188,7 +144,7 @@ def test_prefix_block_mask_is_sound_and_tight(
     visible = (keys < count[..., None, None]).expand(*count.shape, q_length, length)
     if is_causal:
         visible = visible & (keys <= queries + start[..., None, None])
-    _check_block_mask(
+    check_block_mask(
         bm, visible, block_size, tight_touched=offset is None, tight_full=not is_causal
     )
 
