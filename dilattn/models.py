@@ -63,7 +63,8 @@ class LongNetConfig:
     backend: Literal["auto", "flex", "math"] = "auto"  # flex on CUDA, math elsewhere
     activation_checkpointing: bool = False  # recompute each block in backward: memory for time
     head_plan: HeadCounts | tuple[HeadCounts, ...] | None = None  # heads of each kind
-    # (dilated, linear), the same in every layer or one per layer; None: all dilated
+    # (local, dilated, linear), the same in every layer or one per layer; None: all dilated
+    local_window_size: int = 256  # window (bucket) of local heads
     linear_chunk_size: int = 64  # chunk of the causal linear heads (memory, not the result)
     reversible: bool = False  # reversible residual layers (LongNetLM): memory flat in depth
     ff_chunks: int = 1  # feed-forward over this many sequence chunks, each recomputed in backward
@@ -83,7 +84,7 @@ class LongNetConfig:
                 f"activation must be 'gelu', 'relu' or 'swiglu', got {self.activation!r}"
             )
         number_in("dropout", self.dropout, 0.0, 1.0)
-        for name in ("linear_chunk_size", "ff_chunks"):
+        for name in ("local_window_size", "linear_chunk_size", "ff_chunks"):
             positive_int(name, getattr(self, name))
         if self.reversible and (self.activation_checkpointing or not self.norm_first):
             raise ValueError(
@@ -105,9 +106,9 @@ class LongNetConfig:
             )
         if isinstance(plan, Sequence) and all(isinstance(n, int) for n in plan):
             plan = (plan,) * self.num_layers  # type: ignore[assignment]  # one for every layer
-        if not isinstance(plan, Sequence) or len(plan) != self.num_layers:
+        if isinstance(plan, str) or not isinstance(plan, Sequence) or len(plan) != self.num_layers:
             raise ValueError(
-                f"head_plan must be one HeadCounts(dilated, linear) or one per layer "
+                f"head_plan must be one HeadCounts(local, dilated, linear) or one per layer "
                 f"({self.num_layers}), got {self.head_plan!r}"
             )
         return tuple(
@@ -212,7 +213,12 @@ class Block(nn.Module):
             )
 
         heads = config.heads(layer)
-        mixed = {"linear_heads": heads.linear, "linear_chunk_size": config.linear_chunk_size}
+        mixed = {
+            "local_heads": heads.local,
+            "linear_heads": heads.linear,
+            "local_window_size": config.local_window_size,
+            "linear_chunk_size": config.linear_chunk_size,
+        }
         self.norm_first = config.norm_first
         self.self_attn = attention(
             config.position, is_causal, **(mixed if heads.dilated != config.num_heads else {})

@@ -17,7 +17,7 @@ from dilattn.models import Block
 
 TINY = {"d_model": 32, "num_heads": 4, "num_layers": 3, "ffn_dim": 48}
 BRANCHES = {"segment_lengths": (4, 8), "dilation_rates": (1, 2)}
-PLAN = (HeadCounts(linear=4), HeadCounts(2, 2), HeadCounts(dilated=4))  # linear at the bottom
+PLAN = (HeadCounts(local=4), HeadCounts(1, 1, 2), HeadCounts(dilated=4))  # local at the bottom
 
 
 def _lm(dtype: torch.dtype = torch.float64, **options: object) -> LongNetLM:
@@ -44,27 +44,27 @@ def _assert_same(a: tuple[Tensor, list], b: tuple[Tensor, list], **tolerance: fl
 
 
 def test_head_plan_builds_the_layers_it_names() -> None:
-    model = _lm(head_plan=PLAN, num_kv_heads=2)
+    model = _lm(head_plan=PLAN, num_kv_heads=1)
     kinds = [(type(b.self_attn), getattr(b.self_attn, "head_counts", None)) for b in model.blocks]
     assert kinds == [
-        (MixedHeadAttention, (0, 4)),
-        (MixedHeadAttention, (2, 2)),
+        (MixedHeadAttention, (4, 0, 0)),
+        (MixedHeadAttention, (1, 1, 2)),
         (type(model.blocks[2].self_attn), None),
     ]
     assert not isinstance(model.blocks[2].self_attn, MixedHeadAttention)
-    config = LongNetConfig(**TINY, **BRANCHES, head_plan=(3, 1))  # one for every layer
-    assert config.head_plan == (HeadCounts(3, 1),) * 3
+    config = LongNetConfig(**TINY, **BRANCHES, head_plan=(2, 0, 2))  # one for every layer
+    assert config.head_plan == (HeadCounts(2, 0, 2),) * 3
 
 
 @pytest.mark.parametrize(
     ("plan", "match"),
     [
-        ((4, 0, 0), r"head_plan\[0\] must be 2 non-negative integers \('dilated', 'linear'\)"),
-        (((4, 0),) * 2, r"one HeadCounts\(dilated, linear\) or one per layer \(3\)"),
-        (((4, 0), (3, 0), (4, 0)), r"head_plan\[1\] must add up to num_heads \(4\)"),
-        (((4, 0), (-1, 5), (4, 0)), r"head_plan\[1\] must be 2 non-negative integers"),
-        ((3, 1), r"multiple of 2 heads, got 3 dilated heads"),
-        ("dl", r"one HeadCounts\(dilated, linear\) or one per layer"),
+        ((4, 0), r"head_plan\[0\] must be 3 non-negative integers \('local', 'dilated', 'l"),
+        (((0, 4, 0),) * 2, r"one HeadCounts\(local, dilated, linear\) or one per layer \(3\)"),
+        (((4, 0, 0), (3, 0, 0), (4, 0, 0)), r"head_plan\[1\] must add up to num_heads \(4\)"),
+        (((4, 0, 0), (0, -1, 5), (4, 0, 0)), r"head_plan\[1\] must be 3 non-negative"),
+        ((1, 3, 0), r"multiple of 2 heads, got 1 local heads"),
+        ("ldl", r"one HeadCounts\(local, dilated, linear\) or one per layer"),
     ],
 )
 def test_bad_head_plans_raise(plan: object, match: str) -> None:
@@ -74,7 +74,10 @@ def test_bad_head_plans_raise(plan: object, match: str) -> None:
 
 def test_mixed_lm_trains_and_generates_as_the_full_forward() -> None:
     torch.manual_seed(0)
-    model = _lm(torch.float32, head_plan=PLAN, num_kv_heads=1, ff_chunks=2, reversible=True)
+    model = _lm(
+        torch.float32, head_plan=PLAN, num_kv_heads=1, ff_chunks=2, reversible=True,
+        local_window_size=5,
+    )  # fmt: skip
     data = torch.randint(0, 37, (4, 24))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -169,6 +172,7 @@ def test_chunked_feed_forward_gives_the_same_outputs_and_gradients(ff_chunks: in
         ({"reversible": True, "activation_checkpointing": True}, "reversible=True needs"),
         ({"ff_chunks": 0}, "ff_chunks must be a positive integer"),
         ({"linear_chunk_size": -1}, "linear_chunk_size must be a positive integer"),
+        ({"local_window_size": 0}, "local_window_size must be a positive integer"),
     ],
 )
 def test_bad_options_raise(options: dict, match: str) -> None:
