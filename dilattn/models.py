@@ -150,10 +150,14 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.chunks == 1:
             return self._forward(x)
-        if not torch.is_grad_enabled():
-            return torch.cat([self._forward(c) for c in x.chunk(self.chunks, dim=1)], 1)
-        chunks = x.chunk(self.chunks, dim=1)
-        return torch.cat([checkpoint(self._forward, c, use_reentrant=False) for c in chunks], 1)
+        recompute = torch.is_grad_enabled()
+        return torch.cat(
+            [
+                checkpoint(self._forward, c, use_reentrant=False) if recompute else self._forward(c)
+                for c in x.chunk(self.chunks, dim=1)  # (B, <= ceil(S / n), E) each
+            ],
+            dim=1,
+        )
 
     def _forward(self, x: Tensor) -> Tensor:
         hidden = self.up(x)
