@@ -455,6 +455,29 @@ def _(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, Te
     return _new_out(query, value), query.new_empty(query.shape[:3], dtype=_work_dtype(query))
 
 
+def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(grad, out)`` pairs whose backward calls sum to the gradient of both outputs.
+
+    A call's backward uses ``out`` only in ``rowsum(grad * out)``, and a gradient on the lse
+    adds ``P * grad_lse`` to ``dS``: the same as lowering that rowsum by ``grad_lse``. So
+    ``out' = out + c * grad`` with ``c = -grad_lse / |grad|^2`` per row carries it. Rows with
+    no output gradient get ``grad + 1`` here and ``-1`` (with ``out = 0``) in a second call."""
+    work = _work_dtype(out)
+    g = grad_out.to(work)
+    target = (g * out.to(work)).sum(-1) - grad_lse.to(work).nan_to_num(0.0)  # wanted rowsum
+    norm = (g * g).sum(-1)
+    pairs = []
+    idle = (norm == 0) & (target != 0)
+    if idle.any():
+        lift = idle.unsqueeze(-1).to(work).expand_as(g)
+        g = g + lift
+        norm = (g * g).sum(-1)
+        pairs.append(((-lift).to(grad_out.dtype).contiguous(), torch.zeros_like(out)))
+    shift = torch.where(norm > 0, (target - (g * out.to(work)).sum(-1)) / norm, 0.0)
+    folded = (out.to(work) + shift.unsqueeze(-1) * g).to(out.dtype)
+    return [(g.to(grad_out.dtype), folded), *pairs]
+
+
 @torch.library.custom_op("dilattn::strided_attention_backward", mutates_args=())
 def _strided_backward_op(
     grad_out: Tensor,
@@ -463,13 +486,19 @@ def _strided_backward_op(
     value: Tensor,
     out: Tensor,
     lse: Tensor,
+    grad_lse: Tensor | None,
     branches: list[int],
     offsets: list[int],
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    return _backward(grad_out, query, key, value, out, lse, plan, is_causal, scale)
+    pairs = [(grad_out, out)]
+    if grad_lse is not None and bool(grad_lse.nan_to_num(0.0).any()):  # compiled code passes 0s
+        pairs = _fold_lse_grad(grad_out, out, grad_lse)
+    grads = [_backward(g, query, key, value, o, lse, plan, is_causal, scale) for g, o in pairs]
+    dq, dk, dv = (sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True))
+    return dq, dk, dv
 
 
 @_strided_backward_op.register_fake
@@ -482,21 +511,16 @@ def _(
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     query, key, value, branches, offsets, is_causal, scale = inputs
     ctx.save_for_backward(query, key, value, *output)
-    ctx.mark_non_differentiable(output[1])  # the lse: functional refuses to return it with grads
+    ctx.set_materialize_grads(False)  # no lse gradient: None, not zeros
     ctx.args = (branches, offsets, is_causal, scale)
 
 
-def _backward_rule(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+def _backward_rule(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple[Any, ...]:
     query, key, value, out, lse = ctx.saved_tensors
-    grads = _strided_backward_op(
-        grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out,
-        query,
-        key,
-        value,
-        out,
-        lse,
-        *ctx.args,
-    )
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    grads = _strided_backward_op(grad_out, query, key, value, out, lse, grad_lse, *ctx.args)
     return (*grads, None, None, None, None)
 
 

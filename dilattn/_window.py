@@ -71,10 +71,13 @@ class Window(NamedTuple):
         lo, hi = self.keys(q_pos)
         return (kv_pos >= lo) & (kv_pos <= hi)
 
-    def span(self, rows: int) -> int:
-        """At most how many consecutive key positions ``rows`` consecutive queries see."""
+    def span(self, rows: int, *, aligned: bool = False) -> int:
+        """At most how many consecutive key positions ``rows`` consecutive queries see (when
+        ``aligned``, queries starting at a position that is a multiple of ``rows``)."""
         if self.exact:
             return rows + (self.backward + self.forward) * self.size
+        if aligned and self.size % rows == 0:  # the queries lie in one bucket
+            return (1 + self.backward + self.forward) * self.size
         buckets = (rows - 1) // self.size + 2 + self.backward + self.forward
         return buckets * self.size
 
@@ -249,13 +252,15 @@ def _math_window(
     dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Matmul and softmax per chunk of ``C`` query rows over the ``L`` keys the chunk can see
-    (``O(S * L)`` memory, not ``O(S^2)``), in float32 (float64 for float64 inputs)."""
+    (``O(S * L)`` memory, not ``O(S^2)``), in float32 (float64 for float64 inputs). Chunks
+    start at positions that are multiples of ``C``, so a bucketed chunk lies in one bucket."""
     B, H, q_len, _ = q.shape
     kv_len, groups = k.shape[2], H // k.shape[1]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     C = min(window.size, q_len)
-    n, L = cdiv(q_len, C), min(window.span(C), kv_len)
-    rows = torch.arange(n * C, device=q.device).clamp(max=q_len - 1).view(n, C)  # (n, C)
+    shift = q_offset % C  # chunks start at positions that are multiples of C
+    n, L = cdiv(shift + q_len, C), min(window.span(C, aligned=True), kv_len)
+    rows = (torch.arange(n * C, device=q.device) - shift).clamp(0, q_len - 1).view(n, C)
     q_pos = q_offset + rows
     start = window.keys(q_pos[:, 0])[0].clamp(0, kv_len - L)  # (n,)
     kv_pos = start[:, None] + torch.arange(L, device=q.device)  # (n, L): all inside [0, S_kv)
@@ -277,8 +282,9 @@ def _math_window(
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     out = torch.einsum("bkgncl,bknld->bkgncd", probs, v[:, :, kv_pos].to(work))
-    out = rearrange(out, "b k g n c d -> b (k g) (n c) d")[:, :, :q_len]
-    return out.to(q.dtype), rearrange(lse, "b k g n c -> b (k g) (n c)")[:, :, :q_len]
+    out = rearrange(out, "b k g n c d -> b (k g) (n c) d")[:, :, shift : shift + q_len]
+    lse = rearrange(lse, "b k g n c -> b (k g) (n c)")[:, :, shift : shift + q_len]
+    return out.to(q.dtype), lse
 
 
 def window_attention(

@@ -171,8 +171,7 @@ def dilated_attention_parallel(
     )
     if config.head_offsets == "split":
         raise ValueError("head_offsets='split' is not supported by sequence parallelism")
-    # the lse merges the spanning branches: the local call returns it
-    chosen = resolve_backend(backend, query, key, value, return_lse=True)
+    chosen = resolve_backend(backend, query, key, value)
     received = query.new_zeros((0, shapes.batch, shapes.head_dim + shapes.value_dim))
     if plan.exchange:
         sent = sp.take_rows(key, value, plan.send)  # (R_send, B, D + D_v)

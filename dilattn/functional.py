@@ -35,15 +35,14 @@ def resolve_backend(
     key: Tensor,
     value: Tensor,
     *,
-    return_lse: bool = False,
     head_offsets: HeadOffsets = "cyclic",
     extras: str | None = None,
     dropout_p: float = 0.0,
 ) -> Backend | Literal["strided"]:
     """The backend that runs on these inputs. ``"auto"`` is ``"math"`` off CUDA; on CUDA it
     is ``"strided"`` where that applies (fp16/bf16, ``S_q == S_kv``, head dims multiples of 8
-    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout), no
-    gradient through the lse), else ``"flex"``."""
+    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout, a
+    local window)), else ``"flex"``."""
     tensors, head_dim = (query, key, value), query.shape[-1]
     if backend not in ("auto", "strided", "flex", "math"):
         raise ValueError(f"backend must be 'auto', 'strided', 'flex' or 'math', got {backend!r}")
@@ -51,8 +50,6 @@ def resolve_backend(
     why_not = _strided.supports(query, key, value)
     if why_not is None and extras is not None:
         why_not = f"it does not take {extras}"
-    if why_not is None and (return_lse and needs_grad):
-        why_not = "it does not differentiate through the returned lse"
     if backend == "strided" and why_not is not None:
         raise ValueError(f"backend='strided' cannot run here: {why_not}")
     if head_offsets == "split":
@@ -131,11 +128,10 @@ def dilated_attention(
             dilated-attention-pytorch; strided backend).
         backend: ``"strided"`` (each branch on strided views of q/k/v, no gather: cuDNN
             attention and an in-place Triton merge on CUDA, matmul on CPU; fp16/bf16 on CUDA,
-            ``S_q == S_kv``, none of the arguments below, no gradient through the returned
-            lse), ``"flex"`` (FlexAttention per branch on gathered rows; compiled on CUDA,
-            forward-only eager on CPU), ``"math"`` (matmul and softmax per gathered segment;
-            any device, differentiable), or ``"auto"``: strided where it applies, else flex
-            on CUDA and math elsewhere.
+            ``S_q == S_kv``, none of the arguments below), ``"flex"`` (FlexAttention per
+            branch on gathered rows; compiled on CUDA, forward-only eager on CPU), ``"math"``
+            (matmul and softmax per gathered segment; any device, differentiable), or
+            ``"auto"``: strided where it applies, else flex on CUDA and math elsewhere.
         key_padding_mask: ``(B, S_kv)`` bool, torch's meaning: ``True`` = padding key, ignored.
         document_ids: ``(B, max(q_offset + S_q, S_kv))`` integers, the document of each
             position (packed sequences): a query sees only keys of its own document. Dilation
@@ -188,7 +184,6 @@ def dilated_attention(
         query,
         key,
         value,
-        return_lse=return_lse,
         head_offsets=config.head_offsets,
         extras=next((name for name, on in used.items() if on), None),
         dropout_p=dropout_p,

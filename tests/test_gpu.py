@@ -42,18 +42,22 @@ SPLIT = Case((256, 512, 1024, 600), (1, 2, 4, 6), 2, 6, 6, 1500, 1500, 64, 64, T
     ids=str,
 )
 def test_forward_and_backward(case: Case, backend: str, dtype: torch.dtype) -> None:
-    """Compiled flex (gathered rows) and the strided path (cuDNN on views, Triton merge)."""
+    """Compiled flex (gathered rows) and the strided path (cuDNN on views, Triton merge),
+    with gradients through the output and the lse (as the distributed merge needs)."""
     (q64, k64, v64), (q, k, v) = case.inputs(dtype, device="cuda", requires_grad=True)
     args = (case.segment_lengths, case.dilation_rates)
     (qb, kb, vb) = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = dilated_attention(q, k, v, *args, **case.kwargs, backend=backend)  # type: ignore[arg-type]
-    truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
-    baseline = dilated_attention_reference(qb, kb, vb, *args, **case.kwargs)
+    kwargs = {**case.kwargs, "return_lse": True}
+    out, lse = dilated_attention(q, k, v, *args, **kwargs, backend=backend)  # type: ignore[arg-type]
+    truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
+    baseline, base_lse = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
     assert_within_budget(out, baseline, truth)
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    baselines = torch.autograd.grad(baseline, (qb, kb, vb), grad)
+    grad, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    covered = truth_lse.isfinite()
+    loss = lambda o, l: (o * grad.to(o.dtype)).sum() + (l.where(covered, 0) * grad_lse).sum()
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    truths = torch.autograd.grad(loss(truth, truth_lse), (q64, k64, v64))
+    baselines = torch.autograd.grad(loss(baseline, base_lse), (qb, kb, vb))
     for g, b, t in zip(grads, baselines, truths, strict=True):
         assert_within_budget(g, b, t, factor=4.0)
 

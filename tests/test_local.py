@@ -211,6 +211,21 @@ def test_modules_take_the_local_window() -> None:
     ).flops(50)
 
 
+@pytest.mark.parametrize("backend", ["math", "flex"])
+@pytest.mark.parametrize("kind", ["LocalAttention", "DilatedAttention"])
+def test_modules_compile_fullgraph_without_graph_breaks(kind: str, backend: str) -> None:
+    if kind == "LocalAttention":
+        attn: torch.nn.Module = LocalAttention(8, causal=True, autopad=True, dim=8, backend=backend)
+    else:
+        attn = dilattn.DilatedAttention([8], [2], is_causal=True, local_window=5, backend=backend)
+    q, k, v = (torch.randn(1, 2, 29, 8, requires_grad=backend == "math") for _ in range(3))
+    out = torch.compile(attn, fullgraph=True, backend="eager")(q, k, v)  # dynamo only: fast
+    torch.testing.assert_close(out, attn(q, k, v))
+    if backend == "math":
+        out.sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 # errors
 
 
@@ -324,6 +339,15 @@ def test_parity_takes_their_layouts() -> None:
     torch.testing.assert_close(ours(q, k, v, mask=mask), theirs(q, k, v, mask=mask))
     padding = ~mask
     torch.testing.assert_close(ours(q, k, v, key_padding_mask=padding), theirs(q, k, v, mask=mask))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_parity_with_xpos(causal: bool) -> None:
+    """xPos (scale base ``window_size // 2``) with ``look_forward = 0``: the same scores."""
+    options = {"window_size": 8, "causal": causal, "look_forward": 0, "dim": 8, "use_xpos": True}
+    q, k, v = (torch.randn(2, 2, 40, 8) for _ in range(3))
+    expected = _theirs(**options)(q, k, v)
+    torch.testing.assert_close(LocalAttention(**options)(q, k, v), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_xpos", [False, True])
