@@ -187,4 +187,8 @@ class MixedHeadAttention(MultiheadDilatedAttention):
         return torch.cat(outputs, 1)  # (B, H, S_q, D)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, heads={self.head_counts}"
+        local, _, linear = self.head_counts
+        options = [super().extra_repr(), f"heads={self.head_counts}"]
+        options += [f"local_window_size={self.local_window_size}"] if local else []
+        options += [f"linear_chunk_size={self.linear_chunk_size}"] if linear else []
+        return ", ".join(options)
