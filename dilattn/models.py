@@ -304,7 +304,7 @@ class Block(nn.Module):
         return Coupling(
             lambda x: self.branch(x, self.attn_norm, attend),
             lambda x: self.branch(x, self.ffn_norm, self.ffn),
-            list(self.parameters()),
+            [p for p in self.parameters() if p.requires_grad],  # frozen ones get no gradient
         )
 
 

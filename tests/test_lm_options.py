@@ -131,23 +131,24 @@ def test_reversible_layers_equal_the_same_coupling_run_as_ordinary_code(options:
 
 
 def test_reversible_layers_recompute_in_backward_and_give_input_gradients() -> None:
+    """Also with frozen parameters (they get no gradient, the others theirs)."""
     model = _lm(reversible=True)
+    model.blocks[1].ffn.requires_grad_(False)
     calls: list[int] = []
     for block in model.blocks:
         block.ffn.register_forward_pre_hook(lambda *_: calls.append(1))
     x = torch.randn(2, 11, 32, dtype=torch.float64, requires_grad=True)
-    plain_layers, layers = [], []
-    for block in model.blocks:
-        plain_layers.append(block._coupling())
-        layers.append(block._coupling())
+    layers = [block._coupling() for block in model.blocks]
+    inputs = [x, *(p for p in model.blocks.parameters() if p.requires_grad)]
+    loss = lambda y: y[0].square().sum() + y[1].square().sum()
     y = couple_reversibly(x, x, layers)
     assert len(calls) == 3
-    (dx,) = torch.autograd.grad(sum(t.square().sum() for t in y), [x])
+    grads = torch.autograd.grad(loss(y), inputs)
     assert len(calls) == 6  # each feed-forward again in backward
-    (expected,) = torch.autograd.grad(
-        sum(t.square().sum() for t in couple(x, x, plain_layers)), [x]
-    )
-    torch.testing.assert_close(dx, expected, atol=1e-10, rtol=1e-9)
+    for g, expected in zip(
+        grads, torch.autograd.grad(loss(couple(x, x, layers)), inputs), strict=True
+    ):
+        torch.testing.assert_close(g, expected, atol=1e-10, rtol=1e-9)
 
 
 @pytest.mark.parametrize("ff_chunks", [2, 5, 40])
