@@ -11,7 +11,9 @@ length that fits), ``peer`` (head-for-head against dilated-attention-pytorch 0.2
 through a compiled module: compile count, no eager flex) and ``local`` (causal local
 attention, window 512, one bucket back, H=8 D=64: dilattn's sliding and bucketed windows
 against the ``local-attention`` package and flex with a ``create_block_mask`` sliding window,
-whose mask build time is noted). Inputs rotate between several
+whose mask build time is noted) and ``mixed_lm`` (training steps of a whole LM with local
+and global heads against ``linear-attention-transformer``: tokens/s and peak memory).
+Inputs rotate between several
 sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
 after warm-up; TFLOP/s count useful FLOPs (design.md §2) and are set against the bf16 matmul
 peak measured in the same run. ``--quick`` runs tiny sizes (CPU too) to prove it works.
@@ -340,6 +342,91 @@ def study_local(bench: Bench, seq_lens: Sequence[int]) -> None:
                 bench.rows[-1].setdefault("note", note)
 
 
+def _mixed_models(
+    quick: bool,
+) -> tuple[dict[str, Callable[[int], torch.nn.Module]], dict[str, int]]:
+    """The ``mixed_lm`` contestants (each built for a context ``S``) at one size: ``dim``,
+    ``depth``, ``heads`` (``local`` of them local with window ``W``, the rest global), FFN
+    ``4 * dim``, vocabulary 256."""
+    size = {"dim": 64, "depth": 2, "heads": 4, "local": 2, "W": 16}
+    if not quick:
+        size = {"dim": 512, "depth": 8, "heads": 8, "local": 4, "W": 256}
+    dim, heads, local = size["dim"], size["heads"], size["local"]
+    branches = ((32, 64), (1, 2)) if quick else PAPER
+
+    def ours(plan: dilattn.HeadCounts) -> Callable[[int], torch.nn.Module]:
+        config = dilattn.LongNetConfig(
+            d_model=dim, num_heads=heads, num_layers=size["depth"], ffn_dim=4 * dim,
+            segment_lengths=branches[0], dilation_rates=branches[1], head_plan=plan,
+            local_window_size=size["W"],
+        )  # fmt: skip
+        return lambda S: dilattn.LongNetLM(256, config)
+
+    models = {
+        "dilattn-local+linear": ours(dilattn.HeadCounts(local=local, linear=heads - local)),
+        "dilattn-local+dilated": ours(dilattn.HeadCounts(local=local, dilated=heads - local)),
+    }
+    if importlib.util.find_spec("linear_attention_transformer") is not None:
+        from linear_attention_transformer import (  # type: ignore[import-untyped]
+            LinearAttentionTransformerLM,
+        )
+
+        models["linear-attention-transformer"] = lambda S: LinearAttentionTransformerLM(
+            num_tokens=256, dim=dim, depth=size["depth"], max_seq_len=S, heads=heads,
+            dim_head=dim // heads, causal=True, n_local_attn_heads=local,
+            local_attn_window_size=size["W"],
+        )  # fmt: skip
+    return models, size
+
+
+def study_mixed_lm(bench: Bench, seq_lens: Sequence[int]) -> None:
+    """Training steps (forward, cross-entropy, backward; bf16 autocast on CUDA) of whole
+    language models with local heads and global heads, one sequence of ``S`` tokens: ours
+    with the peer's plan (local + global linear heads) and with dilated global heads, against
+    ``linear-attention-transformer`` 0.19.1 (local + causal linear heads, its defaults:
+    axial positions, no reversibility) at the same size. Noted: tokens/s and (CUDA) peak
+    memory, parameters and gradients included. Eager modules (our flex calls are compiled
+    inside)."""
+    models, size = _mixed_models(bench.quick)
+    for S in seq_lens:
+        tokens = torch.randint(0, 256, (1, S + 1), device=bench.device)
+        for name, build in models.items():
+            row: dict[str, Any] = {"study": "mixed_lm", "impl": name, "seq_len": S}
+            row |= {"backward": True, **size}
+            try:
+                model = build(S).to(bench.device)
+
+                def step(i: int) -> None:
+                    with torch.autocast(bench.device.type, torch.bfloat16, enabled=bench.cuda):
+                        logits = model(tokens[:, :-1])  # noqa: B023
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[0, 1:])  # noqa: B023
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)  # noqa: B023
+
+                ms = bench.time_ms(step, 1)
+                row.update(ms=ms, tokens_per_s=S / ms * 1e3, peak_gib=_peak_gib(bench, step))
+                peak = "" if row["peak_gib"] is None else f", peak {row['peak_gib']:.2f} GiB"
+                row["note"] = f"{row['tokens_per_s']:.0f} tokens/s{peak}"
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+            finally:
+                model = None
+                if bench.cuda:
+                    torch.cuda.empty_cache()
+            bench.rows.append(row)
+
+
+def _peak_gib(bench: Bench, fn: Callable[[int], object]) -> float | None:
+    """Peak memory (GiB) of one call of ``fn``, everything allocated included."""
+    if not bench.cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def _matmul_tflops(bench: Bench) -> float | None:
     if not bench.cuda:
         return None
@@ -396,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--studies",
         nargs="+",
-        default=["paper", "long", "peer", "d128", "pow2", "lengths", "local"],
+        default=["paper", "long", "peer", "d128", "pow2", "lengths", "local", "mixed_lm"],
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (works on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -436,12 +523,14 @@ def main(argv: list[str] | None = None) -> int:
             top = 1 << 11 if quick else 1 << 23
             study_paper(bench, Setup([top // 4, top // 2, top], backward=[False]), study)
             study_paper(bench, Setup([top // 4, top // 2], backward=[True]), study)
+        elif study == "mixed_lm":
+            study_mixed_lm(bench, [128, 256] if quick else [8192, 32768])
         elif study == "local":
             study_local(bench, [64, 256] if quick else lens)
         elif study in setups:
             study_paper(bench, setups[study], study)
         else:
-            choices = sorted([*setups, "lengths", "long", "local"])
+            choices = sorted([*setups, "lengths", "long", "local", "mixed_lm"])
             parser.error(f"unknown study {study!r}; choose from {choices}")
         if args.json:  # after every study, so a cut-off run keeps what it measured
             _write_json(args.json, bench, peak, argv)

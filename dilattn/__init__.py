@@ -19,13 +19,16 @@ Three ways in:
 
 Local windowed attention: :func:`local_attention` / :class:`LocalAttention` (a drop-in for
 the ``local-attention`` package's module), or a ``local_window`` branch merged into dilated
-attention.
+attention. Global linear attention (Katharopoulos et al., 2020): :func:`linear_attention`.
+:class:`MixedHeadAttention` mixes local, dilated and linear heads in one layer
+(:class:`HeadCounts`), as ``linear-attention-transformer`` mixes local and linear ones.
 
 Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
 ``attn_implementation="dilated"``.
 
 Models (:mod:`dilattn.models`): :class:`LongNet` (encoder-decoder) and :class:`LongNetLM`
-(decoder-only, with ``generate`` over a KV cache), configured by :class:`LongNetConfig`.
+(decoder-only, with ``generate`` over a KV cache), configured by :class:`LongNetConfig`
+(per-layer head plans, reversible layers, chunked feed-forward).
 
 Every path takes ``key_padding_mask`` (``(B, S_kv)``, ``True`` = padding), packed documents
 (``document_ids`` or ``cu_seqlens``) and a FlexAttention ``score_mod`` evaluated at absolute
@@ -40,9 +43,11 @@ from typing import TYPE_CHECKING
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention
+from dilattn.linear import linear_attention
 from dilattn.local import LocalAttention, local_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
+from dilattn.mixed import HeadCounts, MixedHeadAttention
 from dilattn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
 from dilattn.modules import DilatedAttention, MultiheadDilatedAttention, Position
 from dilattn.positions import (
@@ -69,12 +74,14 @@ __all__ = [
     "DilatedConfig",
     "FeedForward",
     "FlexMask",
+    "HeadCounts",
     "HeadOffsets",
     "KVCache",
     "LocalAttention",
     "LongNet",
     "LongNetConfig",
     "LongNetLM",
+    "MixedHeadAttention",
     "MultiheadDilatedAttention",
     "ParallelDilatedAttention",
     "Position",
@@ -87,6 +94,7 @@ __all__ = [
     "dilated_score_mod",
     "flex_mask",
     "gather_sequence",
+    "linear_attention",
     "local_attention",
     "merge_by_lse",
     "rotary",
@@ -99,7 +107,6 @@ _DISTRIBUTED = {
     "ParallelDilatedAttention",
     "dilated_attention_parallel",
     "gather_sequence",
-    "local_attention",
     "shard_sequence",
 }
 

@@ -12,6 +12,7 @@ Shapes: tokens ``(B, S)`` integers, activations ``(B, S, E)``, logits ``(B, S, V
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dilattn._checks import number_in, positive_int
+from dilattn._reversible import Coupling, couple, couple_reversibly
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.mixed import HeadCounts, MixedHeadAttention, check_head_counts
 from dilattn.modules import MultiheadDilatedAttention, Position
 
 __all__ = ["Activation", "Block", "FeedForward", "LongNet", "LongNetConfig", "LongNetLM"]
@@ -59,6 +62,12 @@ class LongNetConfig:
     head_offsets: HeadOffsets = "cyclic"  # "cyclic" (h % r, the paper) or "grouped" (torchscale)
     backend: Literal["auto", "flex", "math"] = "auto"  # flex on CUDA, math elsewhere
     activation_checkpointing: bool = False  # recompute each block in backward: memory for time
+    head_plan: HeadCounts | tuple[HeadCounts, ...] | None = None  # heads of each kind
+    # (local, dilated, linear), the same in every layer or one per layer; None: all dilated
+    local_window_size: int = 256  # window (bucket) of local heads
+    linear_chunk_size: int = 64  # chunk of the causal linear heads (memory, not the result)
+    reversible: bool = False  # reversible residual layers (LongNetLM): memory flat in depth
+    ff_chunks: int = 1  # feed-forward over this many sequence chunks, each recomputed in backward
 
     def __post_init__(self) -> None:
         branches = DilatedConfig(
@@ -75,6 +84,44 @@ class LongNetConfig:
                 f"activation must be 'gelu', 'relu' or 'swiglu', got {self.activation!r}"
             )
         number_in("dropout", self.dropout, 0.0, 1.0)
+        for name in ("local_window_size", "linear_chunk_size", "ff_chunks"):
+            positive_int(name, getattr(self, name))
+        if self.reversible and (self.activation_checkpointing or not self.norm_first):
+            raise ValueError(
+                "reversible=True needs pre-norm residuals (norm_first=True) and already "
+                "recomputes in backward (activation_checkpointing=False), got "
+                f"norm_first={self.norm_first}, activation_checkpointing="
+                f"{self.activation_checkpointing}"
+            )
+        object.__setattr__(self, "head_plan", self._check_head_plan())
+
+    def _check_head_plan(self) -> tuple[HeadCounts, ...] | None:
+        """``head_plan`` as one :class:`HeadCounts` per layer."""
+        plan, kv_heads = self.head_plan, self.num_kv_heads or self.num_heads
+        if plan is None:
+            return None
+        if self.num_heads % kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({kv_heads})"
+            )
+        if isinstance(plan, Sequence) and all(isinstance(n, int) for n in plan):
+            plan = (plan,) * self.num_layers  # type: ignore[assignment]  # one for every layer
+        if isinstance(plan, str) or not isinstance(plan, Sequence) or len(plan) != self.num_layers:
+            raise ValueError(
+                f"head_plan must be one HeadCounts(local, dilated, linear) or one per layer "
+                f"({self.num_layers}), got {self.head_plan!r}"
+            )
+        return tuple(
+            check_head_counts(f"head_plan[{i}]", counts, self.num_heads, kv_heads)
+            for i, counts in enumerate(plan)
+        )
+
+    def heads(self, layer: int) -> HeadCounts:
+        """The heads of each kind in ``layer``."""
+        if self.head_plan is None:
+            return HeadCounts(dilated=self.num_heads)
+        plan: tuple[HeadCounts, ...] = self.head_plan  # type: ignore[assignment]
+        return plan[layer]
 
 
 def _layer_norm(config: LongNetConfig, **factory: Any) -> nn.LayerNorm:
@@ -83,18 +130,36 @@ def _layer_norm(config: LongNetConfig, **factory: Any) -> nn.LayerNorm:
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward ``(B, S, E) -> (B, S, E)``: ``down(act(up(x)))``, or with
-    SwiGLU ``down(silu(gate(x)) * up(x))``; ``up`` and ``gate`` map ``E -> ffn_dim``."""
+    SwiGLU ``down(silu(gate(x)) * up(x))``; ``up`` and ``gate`` map ``E -> ffn_dim``.
+
+    With ``config.ff_chunks = n > 1`` the sequence goes through in ``n`` chunks, and while
+    autograd records each chunk is recomputed in backward (``torch.utils.checkpoint``): the
+    ``(B, S / n, ffn_dim)`` hidden activations of one chunk at a time, forward and backward.
+    """
 
     def __init__(self, config: LongNetConfig, **factory: Any) -> None:
         super().__init__()
         E, hidden = config.d_model, config.ffn_dim
         self.activation = config.activation
+        self.chunks = config.ff_chunks
         self.up = nn.Linear(E, hidden, bias=config.bias, **factory)
         swiglu = config.activation == "swiglu"
         self.gate = nn.Linear(E, hidden, bias=config.bias, **factory) if swiglu else None
         self.down = nn.Linear(hidden, E, bias=config.bias, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.chunks == 1:
+            return self._forward(x)
+        recompute = torch.is_grad_enabled()
+        return torch.cat(
+            [
+                checkpoint(self._forward, c, use_reentrant=False) if recompute else self._forward(c)
+                for c in x.chunk(self.chunks, dim=1)  # (B, <= ceil(S / n), E) each
+            ],
+            dim=1,
+        )
+
+    def _forward(self, x: Tensor) -> Tensor:
         hidden = self.up(x)
         if self.gate is not None:
             hidden = F.silu(self.gate(x)) * hidden
@@ -121,14 +186,18 @@ class Block(nn.Module):
         *,
         is_causal: bool,
         cross_attention: bool = False,
+        layer: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
 
-        def attention(position: Position | None, causal: bool) -> MultiheadDilatedAttention:
-            return MultiheadDilatedAttention(
+        def attention(
+            position: Position | None, causal: bool, **heads: Any
+        ) -> MultiheadDilatedAttention:
+            kind = MixedHeadAttention if heads else MultiheadDilatedAttention
+            return kind(
                 config.d_model,
                 config.num_heads,
                 config.segment_lengths,
@@ -144,10 +213,20 @@ class Block(nn.Module):
                 backend=config.backend,
                 layer_norm_eps=config.layer_norm_eps,
                 **factory,
+                **heads,
             )
 
+        heads = config.heads(layer)
+        mixed = {
+            "local_heads": heads.local,
+            "linear_heads": heads.linear,
+            "local_window_size": config.local_window_size,
+            "linear_chunk_size": config.linear_chunk_size,
+        }
         self.norm_first = config.norm_first
-        self.self_attn = attention(config.position, is_causal)
+        self.self_attn = attention(
+            config.position, is_causal, **(mixed if heads.dilated != config.num_heads else {})
+        )
         self.attn_norm = _layer_norm(config, **factory)
         self.cross_attn = attention(None, False) if cross_attention else None
         self.cross_norm = _layer_norm(config, **factory) if cross_attention else None
@@ -156,9 +235,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, f: Callable[[Tensor], Tensor]) -> Tensor:
-        out: Tensor = (
-            x + self.dropout(f(norm(x))) if self.norm_first else norm(x + self.dropout(f(x)))
-        )
+        if self.norm_first:
+            return x + self.branch(x, norm, f)
+        out: Tensor = norm(x + self.dropout(f(x)))
+        return out
+
+    def branch(self, x: Tensor, norm: nn.Module, f: Callable[[Tensor], Tensor]) -> Tensor:
+        """The pre-norm residual branch ``dropout(f(norm(x)))`` (a reversible layer's
+        ``f`` or ``g``)."""
+        out: Tensor = self.dropout(f(norm(x)))
         return out
 
     def forward(
@@ -189,18 +274,12 @@ class Block(nn.Module):
                 f"(cross_attention={self.cross_attn is not None}), got "
                 f"{'None' if memory is None else tuple(memory.shape)}"
             )
-
-        def self_attention(y: Tensor) -> Tensor:
-            out: Tensor = self.self_attn(
-                y,
-                y,
-                y,
-                key_padding_mask=key_padding_mask,
-                document_ids=document_ids,
-                kv_cache=kv_cache,
-            )[0]
-            return out
-
+        self_attention = functools.partial(
+            self._self_attention,
+            key_padding_mask=key_padding_mask,
+            document_ids=document_ids,
+            kv_cache=kv_cache,
+        )
         x = self._residual(x, self.attn_norm, self_attention)
         if self.cross_attn is not None and self.cross_norm is not None and memory is not None:
             cross_attn = self.cross_attn
@@ -214,22 +293,51 @@ class Block(nn.Module):
             x = self._residual(x, self.cross_norm, cross_attention)
         return self._residual(x, self.ffn_norm, self.ffn)
 
+    def _self_attention(self, y: Tensor, **kwargs: Any) -> Tensor:
+        out: Tensor = self.self_attn(y, y, y, **kwargs)[0]
+        return out
+
+    def _coupling(self, **kwargs: Any) -> Coupling:
+        """This block as a reversible layer: ``f`` its self-attention branch (``kwargs``
+        passed on), ``g`` its feed-forward branch."""
+        attend = functools.partial(self._self_attention, **kwargs)
+        return Coupling(
+            lambda x: self.branch(x, self.attn_norm, attend),
+            lambda x: self.branch(x, self.ffn_norm, self.ffn),
+            [p for p in self.parameters() if p.requires_grad],  # frozen ones get no gradient
+        )
+
 
 def _run_blocks(
     blocks: nn.ModuleList,
     x: Tensor,
     *,
     checkpointing: bool,
+    reversible: bool = False,
     kv_caches: Sequence[KVCache] | None = None,
     **kwargs: Any,
 ) -> Tensor:
     """``x`` through ``blocks`` in order; with ``checkpointing`` (and autograd recording, and
     no cache, which a recomputation would append to twice) each block's activations are
-    recomputed in backward instead of stored."""
+    recomputed in backward instead of stored.
+
+    ``reversible``: the blocks as reversible layers on the doubled stream ``(x, x)``
+    (``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``, ``f``/``g`` the blocks' pre-norm attention and
+    feed-forward branches), returning ``(y1 + y2) / 2``; recomputed in backward under the
+    same conditions."""
     if kv_caches is not None and len(kv_caches) != len(blocks):
         raise ValueError(
             f"kv_caches must hold one KVCache per block ({len(blocks)}), got {len(kv_caches)}"
         )
+    if reversible:
+        caches = [None] * len(blocks) if kv_caches is None else kv_caches
+        layers = []
+        for block, cache in zip(blocks, caches, strict=True):
+            assert isinstance(block, Block)
+            layers.append(block._coupling(kv_cache=cache, **kwargs))
+        recompute = torch.is_grad_enabled() and kv_caches is None
+        y1, y2 = (couple_reversibly if recompute else couple)(x, x, layers)
+        return (y1 + y2) / 2
     for i, block in enumerate(blocks):
         if kv_caches is not None:
             x = block(x, kv_cache=kv_caches[i], **kwargs)
@@ -267,10 +375,17 @@ class LongNet(nn.Module):
         self.config = config = LongNetConfig() if config is None else config
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         layers = range(config.num_layers)
-        self.encoder = nn.ModuleList(Block(config, is_causal=False, **factory) for _ in layers)
+        if config.reversible:
+            raise ValueError(
+                "reversible=True is for LongNetLM: LongNet's decoder blocks have a third "
+                "(cross-attention) branch"
+            )
+        self.encoder = nn.ModuleList(
+            Block(config, is_causal=False, layer=i, **factory) for i in layers
+        )
         self.encoder_norm = _layer_norm(config, **factory)
         self.decoder = nn.ModuleList(
-            Block(config, is_causal=True, cross_attention=True, **factory) for _ in layers
+            Block(config, is_causal=True, cross_attention=True, layer=i, **factory) for i in layers
         )
         self.decoder_norm = _layer_norm(config, **factory)
 
@@ -357,7 +472,7 @@ class LongNetLM(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, config.d_model, **factory)
         self.blocks = nn.ModuleList(
-            Block(config, is_causal=True, **factory) for _ in range(config.num_layers)
+            Block(config, is_causal=True, layer=i, **factory) for i in range(config.num_layers)
         )
         self.norm = _layer_norm(config, **factory)
         nn.init.normal_(self.embedding.weight, std=0.02)
@@ -385,6 +500,7 @@ class LongNetLM(nn.Module):
             self.blocks,
             x,
             checkpointing=self.config.activation_checkpointing,
+            reversible=self.config.reversible,
             kv_caches=kv_caches,
             key_padding_mask=key_padding_mask,
             document_ids=document_ids,

@@ -362,7 +362,7 @@ class MultiheadDilatedAttention(nn.Module):
             v,
             self.config.segment_lengths,
             self.config.dilation_rates,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
             head_offsets=self.config.head_offsets,
             backend=self.backend,
             score_mod=self._score_mod(),

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
@@ -54,6 +55,7 @@ __all__ = [
     "branch_mask",
     "dilated_attention_dense",
     "dilated_attention_reference",
+    "linear_attention_reference",
     "local_attention_reference",
     "local_mask",
     "multiplicity",
@@ -437,3 +439,32 @@ def local_attention_reference(
     probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
     out = probs @ value
     return (out, lse) if return_lse else out
+
+
+def linear_attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+    key_padding_mask: Tensor | None = None,
+    q_offset: int = 0,
+) -> Tensor:
+    """Linear attention by the definition: the explicit ``(S_q, S_kv)`` matrix
+    ``A = phi(Q) phi(K)^T`` (``phi = elu + 1``), masked (causal: key position
+    ``<= q_offset + i``; padding), each row divided by its sum (0 for an empty row), times
+    ``V``. Arguments and result as :func:`dilattn.linear_attention`."""
+    key, value, extras = _prepare(
+        query, key, value, enable_gqa, key_padding_mask, None, None, None, q_offset
+    )
+    phi_q, phi_k = F.elu(query) + 1, F.elu(key) + 1
+    weights = phi_q @ phi_k.transpose(-2, -1)  # (B, H, S_q, S_kv)
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if is_causal:
+        q = torch.arange(extras.q_offset, extras.q_offset + q_len, device=query.device)
+        weights = weights.masked_fill(torch.arange(kv_len, device=query.device) > q[:, None], 0)
+    if extras.visible is not None:
+        weights = weights.masked_fill(~extras.visible, 0)
+    total = weights.sum(-1, keepdim=True)
+    return weights / total.masked_fill(total == 0, 1) @ value

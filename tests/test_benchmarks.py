@@ -45,6 +45,21 @@ def test_quick_local_study_times_every_impl(tmp_path: Path) -> None:
     assert all(r["note"].startswith("mask ") for r in rows if r["impl"] != "local-attention")
 
 
+def test_quick_mixed_lm_study_times_every_model(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    suite = _load("suite")
+    argv = ["--quick", "--studies", "mixed_lm", "--repeats", "1", "--json", str(out)]
+    assert suite.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    impls = {"dilattn-local+linear", "dilattn-local+dilated"}
+    if importlib.util.find_spec("linear_attention_transformer") is not None:
+        impls.add("linear-attention-transformer")
+    for S in (128, 256):
+        timed = [r for r in rows if r["seq_len"] == S and r["tokens_per_s"] > 0]
+        assert impls == {r["impl"] for r in timed}
+        assert all(r["dim"] == 64 and r["heads"] == 4 and r["local"] == 2 for r in timed)
+
+
 def test_plot_draws_the_json(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     data = {
