@@ -68,6 +68,12 @@ class Bench:
     repeats: int
     quick: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
+    on_row: Callable[[], object] | None = None  # e.g. save the JSON: a cut-off run keeps rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row()
 
     @property
     def cuda(self) -> bool:
@@ -154,7 +160,7 @@ def _measure(
     finally:
         if bench.cuda:
             torch.cuda.empty_cache()
-    bench.rows.append(row)
+    bench.add(row)
 
 
 def _dilated(
@@ -413,7 +419,7 @@ def study_mixed_lm(bench: Bench, seq_lens: Sequence[int]) -> None:
                 model = None
                 if bench.cuda:
                     torch.cuda.empty_cache()
-            bench.rows.append(row)
+            bench.add(row)
 
 
 def _peak_gib(bench: Bench, fn: Callable[[int], object]) -> float | None:
@@ -500,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     console = Console()
     peak = _matmul_tflops(bench)
+    if args.json:
+        bench.on_row = lambda: _write_json(args.json, bench, peak, argv)
     small = DilatedConfig((64, 128, 256), (1, 2, 6))  # --quick
     lens = [256, 512] if quick else [1 << p for p in range(13, 21) if 1 << p <= args.max_len]
     long = lens[-1:]
@@ -532,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             choices = sorted([*setups, "lengths", "long", "local", "mixed_lm"])
             parser.error(f"unknown study {study!r}; choose from {choices}")
-        if args.json:  # after every study, so a cut-off run keeps what it measured
+        if args.json:  # after every row and study, so a cut-off run keeps what it measured
             _write_json(args.json, bench, peak, argv)
     _table(console, bench.rows, peak)
     if args.json:
