@@ -12,13 +12,10 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 from dilattn import _strided
 from dilattn._branch import Backend, PositionMods, branch_attention
 from dilattn._checks import (
-    check_attention_inputs,
-    check_q_offset,
-    check_score_mod,
     default_scale,
     number_in,
 )
-from dilattn._varlen import check_variable_lengths, visibility_mask_mod
+from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn._window import sliding_window, window_attention
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.merge import merge_by_lse
@@ -157,20 +154,18 @@ def dilated_attention(
     config = DilatedConfig(
         tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
     )
-    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    check_score_mod(score_mod)
-    q_offset = check_q_offset(q_offset)
-    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
-    padding, documents = check_variable_lengths(
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        batch=shapes.batch,
-        q_len=shapes.q_len,
-        kv_len=shapes.kv_len,
+    shapes, q_offset, padding, documents = check_call(
+        query,
+        key,
+        value,
+        enable_gqa=enable_gqa,
+        score_mod=score_mod,
         q_offset=q_offset,
-        device=query.device,
+        key_padding_mask=key_padding_mask,
+        document_ids=document_ids,
+        cu_seqlens=cu_seqlens,
     )
+    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
     used = {
         "key_padding_mask": key_padding_mask is not None,
         "document_ids/cu_seqlens": documents is not None,

@@ -33,15 +33,12 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._branch import PositionMods
 from dilattn._checks import (
-    check_attention_inputs,
-    check_q_offset,
-    check_score_mod,
     default_scale,
     non_negative_int,
     number_in,
     positive_int,
 )
-from dilattn._varlen import check_variable_lengths, visibility_mask_mod
+from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn._window import Window, window_attention
 from dilattn.functional import BackendName, resolve_backend
 from dilattn.positions import rotary, xpos, xpos_limit
@@ -135,20 +132,18 @@ def local_attention(
     )
     if backend == "strided":
         raise ValueError("local attention has no strided backend: use 'auto', 'flex' or 'math'")
-    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    check_score_mod(score_mod)
-    q_offset = check_q_offset(q_offset)
-    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
-    padding, documents = check_variable_lengths(
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        batch=shapes.batch,
-        q_len=shapes.q_len,
-        kv_len=shapes.kv_len,
+    shapes, q_offset, padding, documents = check_call(
+        query,
+        key,
+        value,
+        enable_gqa=enable_gqa,
+        score_mod=score_mod,
         q_offset=q_offset,
-        device=query.device,
+        key_padding_mask=key_padding_mask,
+        document_ids=document_ids,
+        cu_seqlens=cu_seqlens,
     )
+    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
     chosen = resolve_backend(
         backend, query, key, value, extras="a local window", dropout_p=dropout_p
     )

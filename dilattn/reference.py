@@ -41,13 +41,10 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._checks import (
     as_device,
-    check_attention_inputs,
-    check_q_offset,
-    check_score_mod,
     default_scale,
 )
 from dilattn._softmax import softmax_with_lse
-from dilattn._varlen import check_variable_lengths
+from dilattn._varlen import check_call
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.local import make_window
 
@@ -208,18 +205,16 @@ def _prepare(
     q_offset: int,
 ) -> tuple[Tensor, Tensor, _Extras]:
     """Keys and values repeated to the query heads, and the extras as dense tensors."""
-    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    check_score_mod(score_mod)
-    q_offset = check_q_offset(q_offset)
-    padding, documents = check_variable_lengths(
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        batch=shapes.batch,
-        q_len=shapes.q_len,
-        kv_len=shapes.kv_len,
+    shapes, q_offset, padding, documents = check_call(
+        query,
+        key,
+        value,
+        enable_gqa=enable_gqa,
+        score_mod=score_mod,
         q_offset=q_offset,
-        device=query.device,
+        key_padding_mask=key_padding_mask,
+        document_ids=document_ids,
+        cu_seqlens=cu_seqlens,
     )
     visible = None
     if padding is not None:
