@@ -277,6 +277,7 @@ def attend_chunk(
         torch.cat([take_rows(key, value, plan.pool_local), received]), "p b e -> b p e"
     )  # (B, P, D + D_v)
     heads = torch.arange(H, device=query.device)
+    gathered: Backend = backend if backend != "strided" else "flex" if query.is_cuda else "math"
     for branch in plan.spanning:
         kv = rearrange(pool[:, branch.kv_index], "b n h m e -> (b n) h m e")
         o_rows, lse_rows = attend_compact(
@@ -286,7 +287,7 @@ def attend_chunk(
             branch.kv_count.repeat(B, 1),
             is_causal=is_causal,
             scale=scale,
-            backend="flex" if backend == "strided" else backend,  # gathered rows
+            backend=gathered,  # gathered rows: no strided views
             q_start=branch.q_start.repeat(B, 1),
         )
         merge_rows(span_out, span_lse, branch.q_target, o_rows, lse_rows)

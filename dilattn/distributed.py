@@ -134,7 +134,7 @@ def dilated_attention_parallel(
     enable_gqa: bool = False,
     return_lse: bool = False,
     head_offsets: HeadOffsets = "cyclic",
-    backend: Literal["auto", "flex", "math"] = "auto",
+    backend: Literal["auto", "strided", "flex", "math"] = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention over a sequence split in equal chunks across the ranks of ``group``.
 
@@ -254,7 +254,7 @@ class ParallelDilatedAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
         head_offsets: HeadOffsets = "cyclic",
-        backend: Literal["auto", "flex", "math"] = "auto",
+        backend: Literal["auto", "strided", "flex", "math"] = "auto",
     ) -> None:
         super().__init__()
         _check_group(group)
@@ -263,7 +263,7 @@ class ParallelDilatedAttention(nn.Module):
         self.is_causal = is_causal
         self.scale = scale
         self.enable_gqa = enable_gqa
-        self.backend: Literal["auto", "flex", "math"] = backend
+        self.backend: Literal["auto", "strided", "flex", "math"] = backend
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, seq_len: int | None = None

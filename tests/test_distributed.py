@@ -2,8 +2,10 @@
 every case, on the first 2, 3 or 4 ranks; each case is then checked here on its own.
 
 Each rank computes the single-process result on the whole sequence itself; its rows and its
-gradients of q, k and v are checked against it. The math backend only: the flex backend runs
-the same exchange (tests/test_sequence_parallel.py checks it with every rank in one process).
+gradients of q, k and v are checked against it. The math backend, and the strided one (its CPU
+version) for the local branches of some cases, which then get gradients through their lse;
+the flex backend runs the same exchange (tests/test_sequence_parallel.py checks it with every
+rank in one process).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class DistCase:
     head_offsets: str = "cyclic"
     dtype: torch.dtype = torch.float64
     batch: int = 2
+    backend: str = "auto"  # the local branches' (math on CPU; strided: gradients through its lse)
 
     @property
     def kwargs(self) -> dict[str, object]:
@@ -94,6 +97,7 @@ def _cases() -> list[DistCase]:
         )
     cases = fixed + drawn
     cases += [replace(c, dtype=torch.float32) for c in cases[::2]]
+    cases += [replace(c, backend="strided") for c in fixed[:10]]
     return cases
 
 
@@ -112,7 +116,9 @@ def _run_case(case: DistCase, seed: int, group: dist.ProcessGroup) -> dict[str, 
     baseline = [x.clone().requires_grad_() for x in full]
     local = [shard_sequence(x, group=group).requires_grad_() for x in full]
     args = (case.segment_lengths, case.dilation_rates)
-    out = dilated_attention_parallel(*local, *args, **case.kwargs, group=group, seq_len=S)
+    out = dilated_attention_parallel(
+        *local, *args, **case.kwargs, group=group, seq_len=S, backend=case.backend
+    )
     results: dict[str, object] = {}
 
     def record(name: str, mine, base, truth) -> None:
@@ -219,7 +225,7 @@ def _case_id(case: DistCase) -> str:
     return (
         f"k{case.world}-S{case.seq_len}-w{'_'.join(map(str, case.segment_lengths))}"
         f"-r{'_'.join(map(str, case.dilation_rates))}-H{case.q_heads}_{case.kv_heads}"
-        f"{'-causal' if case.is_causal else ''}-{case.head_offsets}-{dtype}"
+        f"{'-causal' if case.is_causal else ''}-{case.head_offsets}-{dtype}-{case.backend}"
     )
 
 
