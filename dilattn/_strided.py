@@ -457,7 +457,7 @@ def _fold_lse_grad(grad_out: Tensor, out: Tensor, grad_lse: Tensor) -> list[tupl
     no output gradient get ``grad + 1`` here and ``-1`` (with ``out = 0``) in a second call."""
     work = _work_dtype(out)
     g = grad_out.to(work)
-    target = (g * out.to(work)).sum(-1) - grad_lse.to(work).nan_to_num(0.0)  # wanted rowsum
+    target = (g * out.to(work)).sum(-1) - grad_lse.to(work)  # the rowsum wanted
     norm = (g * g).sum(-1)
     pairs = []
     idle = (norm == 0) & (target != 0)
@@ -487,8 +487,10 @@ def _strided_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
     pairs = [(grad_out, out)]
-    if grad_lse is not None and bool(grad_lse.nan_to_num(0.0).any()):  # compiled code passes 0s
-        pairs = _fold_lse_grad(grad_out, out, grad_lse)
+    if grad_lse is not None:
+        grad_lse = grad_lse.nan_to_num(0.0)
+        if bool(grad_lse.any()):  # compiled code passes zeros when the lse has no gradient
+            pairs = _fold_lse_grad(grad_out, out, grad_lse)
     grads = [_backward(g, query, key, value, o, lse, plan, is_causal, scale) for g, o in pairs]
     dq, dk, dv = (sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True))
     return dq, dk, dv

@@ -183,6 +183,7 @@ def dilated_attention(
         extras=next((name for name, on in used.items() if on), None),
         dropout_p=dropout_p,
     )
+    scale = default_scale(scale, shapes.head_dim)
     if chosen == "strided":
         out, lse = _strided.strided_attention(
             query,
@@ -191,12 +192,12 @@ def dilated_attention(
             config.branches,
             config.offsets(shapes.q_heads),
             is_causal=is_causal,
-            scale=default_scale(scale, shapes.head_dim),
+            scale=scale,
         )
         return (out, lse) if return_lse else out
     mods = PositionMods(visibility_mask_mod(padding, documents), score_mod)
     common: dict[str, Any] = {
-        "scale": default_scale(scale, shapes.head_dim),
+        "scale": scale,
         "backend": chosen,
         "q_offset": q_offset,
         "mods": mods,
