@@ -505,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         quick,
     )
     console = Console()
+    # Every study compiles flex afresh (one variant per length, mask and pass): allow them
+    # all, and fail rather than let dynamo time its eager fallback past the limit.
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     peak = _matmul_tflops(bench)
     if args.json:
         bench.on_row = lambda: _write_json(args.json, bench, peak, argv)

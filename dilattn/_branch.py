@@ -20,7 +20,9 @@ batch row and the positions of query and key before they are called.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -44,20 +46,37 @@ Backend = Literal["flex", "math"]
 
 BLOCK_SIZE = 128
 # One compiled flex serves every branch: shapes go dynamic after the first recompile, so it
-# compiles once per (dtype, head counts, head dims, causal). Allow that many variants, and
+# compiles once per (dtype, head counts, head dims, mods). Allow that many variants, and
 # fail loudly past them rather than fall back to eager flex.
 RECOMPILE_LIMIT = 64
 
 
+def _flex(q: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:
+    """FlexAttention under a code object of our own: dynamo counts recompiles per code object,
+    and once a code object passes its limit, runs it eagerly for good. A user's own
+    ``torch.compile(flex_attention)`` must not use up, or turn eager, our variants."""
+    return flex_attention(q, k, v, **options)
+
+
 @functools.cache
 def _compile_flex() -> Any:
-    return torch.compile(flex_attention)
-
-
-def _compiled_flex(*args: Any, **kwargs: Any) -> Any:
     """The one compiled flex, compiled on first use: ``torch.compile`` imports dynamo, which
     would add seconds to ``import dilattn``."""
-    return _compile_flex()(*args, **kwargs)
+    return torch.compile(_flex)
+
+
+@contextlib.contextmanager
+def _strict_recompile_limit() -> Iterator[None]:
+    """At least :data:`RECOMPILE_LIMIT` variants, then an error. Sets the two dynamo options
+    directly: ``torch._dynamo.config.patch`` costs about a millisecond of host time a call."""
+    config = torch._dynamo.config
+    saved = config.recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit = max(saved[0], RECOMPILE_LIMIT)
+    config.fail_on_recompile_limit_hit = True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = saved
 
 
 class PositionMods(NamedTuple):
@@ -292,16 +311,13 @@ def _run_flex(
     if torch.compiler.is_compiling() or not q.is_cuda:
         out, aux = flex_attention(q, k, v, **options)
         return out, aux.lse
-    limits = torch._dynamo.config.patch(
-        recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
-    )
     try:
-        with limits:
-            out, aux = _compiled_flex(q, k, v, **options)
+        with _strict_recompile_limit():
+            out, aux = _compile_flex()(q, k, v, **options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
-            "head counts, head dims, causal); refusing to fall back to eager flex, which "
+            "head counts, head dims, mods); refusing to fall back to eager flex, which "
             "materialises every score. Raise dilattn._branch.RECOMPILE_LIMIT if you need more."
         ) from error
     return out, aux.lse

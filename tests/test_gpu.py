@@ -115,6 +115,28 @@ def test_changing_lengths_do_not_fall_back_to_eager() -> None:
         assert torch.isfinite(out).all()
 
 
+def test_flex_path_stays_compiled_after_the_users_flex_turned_eager() -> None:
+    """Dynamo runs a code object eagerly for good once it passes its recompile limit. Push
+    the user's ``torch.compile(flex_attention)`` past a limit of 1; our flex must still run
+    compiled, so its peak memory stays far under the 2 GiB of scores eager flex makes."""
+    S, W = 8192, 512
+    q, k, v = (torch.randn(1, 8, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    users_flex = torch.compile(flex_attention)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for score_mod in (lambda s, *_: s + 1.0, lambda s, *_: s * 2.0):  # a recompile
+            users_flex(q[..., :256, :], k[..., :256, :], v[..., :256, :], score_mod)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = local_attention(q, k, v, W, is_causal=True, exact_windowsize=True, backend="flex")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
+    truth = local_attention_reference(
+        q.double(), k.double(), v.double(), W, is_causal=True, exact_windowsize=True
+    )
+    assert (out.double() - truth).abs().max() < 3e-2
+
+
 def test_strided_path_compiles_fullgraph_forward_and_backward() -> None:
     """The strided path is a custom op: torch.compile keeps it whole, with its backward."""
     q, k, v = (
