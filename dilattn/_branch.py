@@ -45,8 +45,9 @@ from dilattn.merge import merge_by_lse
 Backend = Literal["flex", "math"]
 
 BLOCK_SIZE = 128
-# One compiled flex serves every branch: shapes go dynamic after the first recompile, so it
-# compiles once per (dtype, head counts, head dims, mods). Allow that many variants, and
+# Two compiled flexes (lengths in whole 128-row tiles or not) serve every branch: shapes go
+# dynamic after the first recompile, so each compiles once per (dtype, head counts, head
+# dims, mods). Allow that many variants, and
 # fail loudly past them rather than fall back to eager flex.
 RECOMPILE_LIMIT = 64
 
@@ -58,11 +59,20 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:
     return flex_attention(q, k, v, **options)
 
 
+def _flex_whole_blocks(q: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:
+    """:func:`_flex` for lengths that are multiples of 128, which it tells the compiler: a
+    kernel compiled for dynamic lengths then still drops the bounds checks of partial tiles
+    (flex's ``IS_DIVISIBLE``), as one compiled for a single length does."""
+    torch._check(q.shape[-2] % 128 == 0)
+    torch._check(k.shape[-2] % 128 == 0)
+    return flex_attention(q, k, v, **options)
+
+
 @functools.cache
-def _compile_flex() -> Any:
-    """The one compiled flex, compiled on first use: ``torch.compile`` imports dynamo, which
+def _compile_flex(whole_blocks: bool) -> Any:
+    """The compiled flex, compiled on first use: ``torch.compile`` imports dynamo, which
     would add seconds to ``import dilattn``."""
-    return torch.compile(_flex)
+    return torch.compile(_flex_whole_blocks if whole_blocks else _flex)
 
 
 @contextlib.contextmanager
@@ -313,7 +323,8 @@ def _run_flex(
         return out, aux.lse
     try:
         with _strict_recompile_limit():
-            out, aux = _compile_flex()(q, k, v, **options)
+            whole_blocks = q.shape[-2] % 128 == 0 and k.shape[-2] % 128 == 0
+            out, aux = _compile_flex(whole_blocks)(q, k, v, **options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
