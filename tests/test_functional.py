@@ -327,14 +327,3 @@ def test_auto_backend_checks_head_dim_on_cuda() -> None:
 
     q = torch.randn(1, 1, 4, 8)
     assert resolve_backend("auto", q, q, q) == "math"  # CPU: math, any head dim
-
-
-def test_strict_recompile_limit_raises_the_limit_and_restores_it() -> None:
-    from dilattn._branch import RECOMPILE_LIMIT, _strict_recompile_limit
-
-    config = torch._dynamo.config
-    with config.patch(recompile_limit=3, fail_on_recompile_limit_hit=False):
-        with _strict_recompile_limit():
-            assert config.recompile_limit == RECOMPILE_LIMIT
-            assert config.fail_on_recompile_limit_hit
-        assert (config.recompile_limit, config.fail_on_recompile_limit_hit) == (3, False)

@@ -16,6 +16,7 @@ from dilattn import (
     DilatedConfig,
     MultiheadDilatedAttention,
     T5RelativeBias,
+    _branch,
     alibi_score_mod,
     dilated_attention,
     flex_mask,
@@ -116,10 +117,12 @@ def test_changing_lengths_do_not_fall_back_to_eager() -> None:
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_flex_lengths_on_and_off_whole_tiles(backward: bool) -> None:
-    """Lengths in whole 128-row tiles run a kernel told so; the others, another. Interleaved,
-    each (static, then dynamic) matches the reference."""
-    for S in (4096, 4100, 6144, 5000, 12288, 777):
+def test_flex_static_then_dynamic_shapes(backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first shapes get kernels of their own, later ones the dynamic kernel; each, and
+    the static ones again after, matches the reference."""
+    monkeypatch.setattr(_branch, "STATIC_SHAPES", 2)
+    monkeypatch.setattr(_branch, "_static_shapes", _branch._StaticShapes())
+    for S in (4096, 4100, 6144, 5000, 12288, 777, 4096):
         q, k, v = (
             torch.randn(1, 4, S, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
             for _ in range(3)
