@@ -21,6 +21,7 @@ batch row and the positions of query and key before they are called.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
@@ -183,6 +184,23 @@ def _cached_layout(*args: Any) -> Layout:
         return layout(*args)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_block_mask(
+    layout_args: tuple[Any, ...], batch: int, is_causal: bool, partial: bool
+) -> BlockMask:
+    """:func:`compact_block_mask` of the branch ``layout(*layout_args)`` for ``batch`` rows,
+    built once: building it takes ~180 small kernels, most of an eager call's host time."""
+    lay = _cached_layout(*layout_args)
+    with torch.inference_mode(False):
+        return compact_block_mask(
+            lay.kv_count.repeat(batch, 1),
+            q_len=lay.q_index.shape[2],
+            kv_len=lay.kv_index.shape[2],
+            is_causal=is_causal,
+            partial=partial,
+        )
+
+
 def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
     """Rows ``index`` ``(N, Hc, M)`` of heads ``heads`` of ``x`` ``(B, Hx, S, D)``
     -> ``(B*N, Hc, M, D)``."""
@@ -272,25 +290,25 @@ def _math_attention(
     )
 
 
-def _flex_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+def compact_block_mask(
     kv_count: Tensor,
+    *,
+    q_len: int,
+    kv_len: int,
     is_causal: bool,
-    scale: float,
-    mods: PositionMods,
-    q_start: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """As :func:`attend_compact` (without dropout), by FlexAttention with an analytic block
-    mask. A ``mask_mod`` in ``mods`` makes every touched block partial, so it runs on all."""
+    q_start: Tensor | None = None,
+    partial: bool = False,
+) -> BlockMask:
+    """The block mask of :func:`attend_compact` (``q_len`` compact queries, ``kv_len`` compact
+    keys), its ``mask_mod`` on compact indices; with ``partial``, no block is full (for a
+    ``mask_mod`` to be and-ed in)."""
     rows, cols = prefix_spans(
         kv_count.amin(1),
         kv_count.amax(1),
-        length=k.shape[2],
+        length=kv_len,
         block_size=BLOCK_SIZE,
         is_causal=is_causal,
-        q_length=q.shape[2],
+        q_length=q_len,
         q_start=None if q_start is None else (q_start.amin(1), q_start.amax(1)),
     )
 
@@ -307,17 +325,44 @@ def _flex_attention(
     mask_mod: _mask_mod_signature = valid
     if is_causal:
         mask_mod = causal_valid if q_start is None else shifted_causal_valid
-    if mods.mask_mod is not None:
-        mask_mod = and_masks(mask_mod, mods.mask_mod)
+    if partial:
         rows, cols = rows.without_full(), cols.without_full()
-    block_mask = block_mask_from_spans(
+    return block_mask_from_spans(
         rows,
         cols,
-        seq_lengths=(q.shape[2], k.shape[2]),
+        seq_lengths=(q_len, kv_len),
         block_size=BLOCK_SIZE,
         mask_mod=mask_mod,
-        widths=(cdiv(k.shape[2], BLOCK_SIZE), cdiv(q.shape[2], BLOCK_SIZE)),
+        widths=(cdiv(kv_len, BLOCK_SIZE), cdiv(q_len, BLOCK_SIZE)),
     )
+
+
+def _flex_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_count: Tensor,
+    is_causal: bool,
+    scale: float,
+    mods: PositionMods,
+    q_start: Tensor | None,
+    block_mask: BlockMask | None,
+) -> tuple[Tensor, Tensor]:
+    """As :func:`attend_compact` (without dropout), by FlexAttention with an analytic block
+    mask (``block_mask``, when given, is :func:`compact_block_mask` of these arguments). A
+    ``mask_mod`` in ``mods`` makes every touched block partial, so it runs on all."""
+    if block_mask is None:
+        block_mask = compact_block_mask(
+            kv_count,
+            q_len=q.shape[2],
+            kv_len=k.shape[2],
+            is_causal=is_causal,
+            q_start=q_start,
+            partial=mods.mask_mod is not None,
+        )
+    if mods.mask_mod is not None:
+        block_mask = copy.copy(block_mask)  # the same blocks, another mask_mod
+        block_mask.mask_mod = and_masks(block_mask.mask_mod, mods.mask_mod)
     return _run_flex(q, k, v, block_mask, scale, mods.score_mod)
 
 
@@ -378,15 +423,17 @@ def attend_compact(
     q_start: Tensor | None = None,
     mods: PositionMods = NO_MODS,
     dropout_p: float = 0.0,
+    block_mask: BlockMask | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of compact queries ``q`` ``(B', H, M_q, D)`` over the first ``kv_count``
     ``(B', H)`` compact keys of ``k``/``v`` ``(B', Hc, M, D)``. Query row ``t`` stands at key
     row ``q_start + t`` (``q_start`` ``(B', H)``, default 0: ``M_q = M``, aligned) and, when
     causal, sees the keys up to that row; ``mods`` act on compact indices, ``dropout_p`` on
-    the probabilities (math only). Returns ``(B', H, M_q, D_v)`` and lse ``(B', H, M_q)``.
+    the probabilities (math only); ``block_mask`` (flex only) is :func:`compact_block_mask`
+    of these arguments, built earlier. Returns ``(B', H, M_q, D_v)`` and lse ``(B', H, M_q)``.
     """
     if backend == "flex":
-        return _flex_attention(q, k, v, kv_count, is_causal, scale, mods, q_start)
+        return _flex_attention(q, k, v, kv_count, is_causal, scale, mods, q_start, block_mask)
     return _math_attention(q, k, v, kv_count, is_causal, scale, mods, dropout_p, q_start)
 
 
@@ -431,10 +478,14 @@ def branch_attention(
     out = query.new_zeros((B, H, q_len + 1, value.shape[-1]), dtype=work)  # + a spare row
     lse = query.new_full((B, H, q_len + 1), -torch.inf, dtype=work)
     heads = torch.arange(H, device=query.device)
-    make = layout if torch.compiler.is_compiling() else _cached_layout
+    cached = not torch.compiler.is_compiling()
     has_mods = mods.mask_mod is not None or mods.score_mod is not None
     for (w, r), head_offsets in zip(branches, offsets, strict=True):
-        lay = make(w, r, head_offsets, group, q_len, kv_len, q_offset, query.device)
+        args = (w, r, head_offsets, group, q_len, kv_len, q_offset, query.device)
+        lay = _cached_layout(*args) if cached else layout(*args)
+        block_mask = None
+        if backend == "flex" and cached:
+            block_mask = _cached_block_mask(args, B, is_causal, mods.mask_mod is not None)
         q_rows = _gather(query, heads, lay.q_index)
         k_rows = _gather(key, lay.kv_heads, lay.kv_index)
         v_rows = _gather(value, lay.kv_heads, lay.kv_index)
@@ -450,6 +501,7 @@ def branch_attention(
             backend=backend,
             mods=compact,
             dropout_p=dropout_p,
+            block_mask=block_mask,
         )
         merge_rows(out, lse, lay.q_target, o_rows, lse_rows)
     return out[:, :, :q_len].to(query.dtype), lse[:, :, :q_len]

@@ -52,3 +52,21 @@ def test_first_shapes_run_static_until_their_variants_run_out(
     for n in (64, 96, 160):
         _compiled_flex(x[n], x[n], x[n], {})
     assert calls == [(False, 64), (False, 160), (False, 64), (True, 96), (False, 160)]
+
+
+def test_branch_block_masks_are_built_once_and_kept_clean_of_call_masks() -> None:
+    """Eager flex reuses each branch's block mask across calls of one shape; a call's own
+    padding is and-ed into a copy, so the next call's padding is not mixed with it."""
+    from dilattn import dilated_attention
+    from dilattn.reference import dilated_attention_reference
+
+    _branch._cached_block_mask.cache_clear()
+    q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64) for _ in range(3))
+    args = ((64, 128), (1, 2))
+    for keep in (torch.rand(2, 300) > 0.3, torch.rand(2, 300) > 0.6, None):
+        kw: dict[str, Any] = {"is_causal": True, "key_padding_mask": keep}
+        out = dilated_attention(q, k, v, *args, **kw, backend="flex")
+        truth = dilated_attention_reference(q, k, v, *args, **kw)
+        torch.testing.assert_close(out, truth)
+    info = _branch._cached_block_mask.cache_info()
+    assert (info.misses, info.hits) == (4, 2)  # per branch: partial once, full once
