@@ -34,7 +34,7 @@ def _output_and_grads(
 ) -> tuple[Tensor, list]:
     """``run(tokens)`` (default: the model) and the gradients of all parameters."""
     torch.manual_seed(0)
-    out = (run or model)(tokens)
+    out = (model if run is None else run)(tokens)
     return out, list(torch.autograd.grad(out.square().sum(), list(model.parameters())))
 
 
@@ -223,3 +223,12 @@ def test_mixed_reversible_lm_on_cuda() -> None:
         steps = [model(tokens[:, :300], kv_caches=caches)]
         steps += [model(tokens[:, t : t + 1], kv_caches=caches) for t in range(300, 320)]
     torch.testing.assert_close(torch.cat(steps, 1), full[:, :320], atol=1e-3, rtol=1e-3)
+
+
+def test_reversible_lm_under_torch_compile_equals_eager() -> None:
+    """``torch.compile`` breaks its graph around the reversible stack (it reads the random
+    state; its backward calls ``autograd.grad``) and gives the eager results."""
+    model = _lm(head_plan=PLAN, reversible=True, ff_chunks=2)
+    tokens = torch.randint(0, 37, (2, 19))
+    compiled = torch.compile(model, backend="aot_eager")
+    _assert_same(_output_and_grads(model, tokens), _output_and_grads(model, tokens, compiled))
