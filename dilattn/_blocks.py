@@ -13,12 +13,13 @@ only pairs whose entries are all visible. Tests check both against ``create_bloc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
+from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, and_masks
 
 # Masks with at most this many block pairs keep index rows as wide as the other axis, the
 # layout torch's own BlockMask helpers (``to_dense``, ``print``) expect; larger ones keep only
@@ -120,6 +121,15 @@ def block_mask_from_spans(
         BLOCK_SIZE=(block_size, block_size),
         mask_mod=mask_mod,
     )
+
+
+def and_mask_mod(block_mask: BlockMask, mask_mod: _mask_mod_signature) -> BlockMask:
+    """``block_mask``'s blocks with ``mask_mod`` and-ed into its own (a call's padding or
+    documents into a mask built once); build ``block_mask`` with no full blocks, so the new
+    condition runs on every touched block. ``block_mask`` itself is left as it was."""
+    combined = copy.copy(block_mask)
+    combined.mask_mod = and_masks(block_mask.mask_mod, mask_mod)
+    return combined
 
 
 def _widen(

@@ -21,7 +21,6 @@ batch row and the positions of query and key before they are called.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
@@ -35,11 +34,10 @@ from torch.nn.attention.flex_attention import (
     BlockMask,
     _mask_mod_signature,
     _score_mod_signature,
-    and_masks,
     flex_attention,
 )
 
-from dilattn._blocks import block_mask_from_spans, cdiv, prefix_spans
+from dilattn._blocks import and_mask_mod, block_mask_from_spans, cdiv, prefix_spans
 from dilattn._softmax import softmax_with_lse
 from dilattn.merge import merge_by_lse
 
@@ -361,8 +359,7 @@ def _flex_attention(
             partial=mods.mask_mod is not None,
         )
     if mods.mask_mod is not None:
-        block_mask = copy.copy(block_mask)  # the same blocks, another mask_mod
-        block_mask.mask_mod = and_masks(block_mask.mask_mod, mods.mask_mod)
+        block_mask = and_mask_mod(block_mask, mods.mask_mod)
     return _run_flex(q, k, v, block_mask, scale, mods.score_mod)
 
 

@@ -29,10 +29,9 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import (
     BlockMask,
     _mask_mod_signature,
-    and_masks,
 )
 
-from dilattn._blocks import Spans, block_mask_from_spans, cdiv
+from dilattn._blocks import Spans, and_mask_mod, block_mask_from_spans, cdiv
 from dilattn._branch import BLOCK_SIZE, NO_MODS, Backend, PositionMods, _run_flex
 from dilattn._softmax import softmax_with_lse
 
@@ -162,10 +161,10 @@ def window_block_mask(
     q_offset: int = 0,
     block_size: int = BLOCK_SIZE,
     device: torch.device | str = "cpu",
-    mask_mod: _mask_mod_signature | None = None,
+    partial: bool = False,
 ) -> BlockMask:
-    """The ``BlockMask`` of ``window`` (``B = H = 1``), built from block intervals; an extra
-    ``mask_mod`` (on rows) is and-ed in and makes every touched block partial."""
+    """The ``BlockMask`` of ``window`` (``B = H = 1``), built from block intervals; with
+    ``partial``, no block is full (for a ``mask_mod`` to be and-ed in)."""
     rows, cols = window_spans(
         window,
         q_len=q_len,
@@ -174,9 +173,7 @@ def window_block_mask(
         block_size=block_size,
         device=device,
     )
-    mod = window.mask_mod(q_offset)
-    if mask_mod is not None:
-        mod = and_masks(mod, mask_mod)
+    if partial:
         rows, cols = rows.without_full(), cols.without_full()
     width = window_width(window, block_size)
     return block_mask_from_spans(
@@ -184,18 +181,18 @@ def window_block_mask(
         cols,
         seq_lengths=(q_len, kv_len),
         block_size=block_size,
-        mask_mod=mod,
+        mask_mod=window.mask_mod(q_offset),
         widths=(width, width),
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_block_mask(
-    window: Window, q_len: int, kv_len: int, q_offset: int, device: torch.device
+    window: Window, q_len: int, kv_len: int, q_offset: int, device: torch.device, partial: bool
 ) -> BlockMask:
     with torch.inference_mode(False):
         return window_block_mask(
-            window, q_len=q_len, kv_len=kv_len, q_offset=q_offset, device=device
+            window, q_len=q_len, kv_len=kv_len, q_offset=q_offset, device=device, partial=partial
         )
 
 
@@ -226,18 +223,17 @@ def _flex_window(
 ) -> tuple[Tensor, Tensor]:
     """One flex call over the whole sequence, with the window's analytic block mask."""
     rows = _on_rows(mods, q_offset)
-    q_len, kv_len = q.shape[2], k.shape[2]
-    if rows.mask_mod is None and not torch.compiler.is_compiling():
-        block_mask = _cached_block_mask(window, q_len, kv_len, q_offset, q.device)
-    else:
+    lengths = (q.shape[2], k.shape[2])
+    partial = rows.mask_mod is not None
+    if torch.compiler.is_compiling():
+        q_len, kv_len = lengths
         block_mask = window_block_mask(
-            window,
-            q_len=q_len,
-            kv_len=kv_len,
-            q_offset=q_offset,
-            device=q.device,
-            mask_mod=rows.mask_mod,
+            window, q_len=q_len, kv_len=kv_len, q_offset=q_offset, device=q.device, partial=partial
         )
+    else:
+        block_mask = _cached_block_mask(window, *lengths, q_offset, q.device, partial)
+    if rows.mask_mod is not None:
+        block_mask = and_mask_mod(block_mask, rows.mask_mod)
     return _run_flex(q, k, v, block_mask, scale, rows.score_mod)
 
 
