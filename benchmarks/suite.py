@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -284,6 +285,166 @@ def study_lengths(bench: Bench, seq_lens: Sequence[int]) -> None:
     )
 
 
+def useful_pairs(
+    config: DilatedConfig,
+    num_heads: int,
+    seq_len: int,
+    *,
+    is_causal: bool,
+    document_ids: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    q_start: int = 0,
+) -> float:
+    """(query, key) pairs the branches compute, summed over batch rows, heads and branches:
+    pairs inside one segment, one document (``document_ids`` nondecreasing), on no padding
+    key, key at or before the query when causal, queries from position ``q_start`` on. The
+    local window counts its pairs too. Useful FLOPs are ``4 * D`` per pair."""
+    device = document_ids if document_ids is not None else key_padding_mask
+    device = device.device if device is not None else torch.device("cpu")
+    batch = next((x.shape[0] for x in (document_ids, key_padding_mask) if x is not None), 1)
+    total = 0.0
+    for (w, r), offsets in zip(config.branches, config.offsets(num_heads), strict=True):
+        w = min(w, seq_len)
+        for o in set(offsets) - {-1}:
+            heads = offsets.count(o)
+            start = torch.arange(0, seq_len, w, device=device).view(-1, 1)
+            pos = (start + o + r * torch.arange(-(-(w - o) // r), device=device)).flatten()
+            pos = pos[(pos < seq_len) & ((pos - pos // w * w) < w)]
+            pos = pos[(pos % w - o) % r == 0]
+            group = (pos // w).expand(batch, -1)
+            if document_ids is not None:
+                group = group * (int(document_ids.max()) + 1) + document_ids[:, pos]
+            valid = (
+                ~key_padding_mask[:, pos]
+                if key_padding_mask is not None
+                else torch.ones_like(group, dtype=torch.bool)
+            )
+            total += heads * _pairs(group, valid, pos >= q_start, is_causal)
+    if config.local_window is not None:
+        n = config.local_window
+        p = torch.arange(q_start, seq_len, device=device)
+        keys = (
+            torch.clamp(p, max=n) + 1
+            if is_causal
+            else p.clamp(max=n) + (seq_len - 1 - p).clamp(max=n) + 1
+        )
+        total += float(keys.sum()) * num_heads * batch
+    return total
+
+
+def _pairs(group: Tensor, valid: Tensor, queries: Tensor, is_causal: bool) -> float:
+    """Visible pairs of rows ``(B, N)`` grouped by the nondecreasing ``group``: each query (a
+    row where ``queries``) sees the valid keys of its group (up to itself when causal)."""
+    pairs = 0.0
+    for g, ok in zip(group, valid, strict=True):
+        _, counts = torch.unique_consecutive(g, return_counts=True)
+        ends = counts.cumsum(0)
+        seen = ok.long().cumsum(0)
+        before = torch.cat([seen.new_zeros(1), seen[ends - 1]])[:-1].repeat_interleave(counts)
+        if is_causal:
+            sees = seen - before
+        else:
+            sees = seen[ends - 1] - torch.cat([seen.new_zeros(1), seen[ends - 1]])[:-1]
+            sees = sees.repeat_interleave(counts)
+        pairs += float(sees[queries].sum())
+    return pairs
+
+
+def _features(
+    bench: Bench, S: int, H: int
+) -> list[tuple[str, int, dict[str, Any], Callable[[], dict[str, Any]]]]:
+    """The rows of :func:`study_features`: name, batch size, call options, and the tensors
+    of the options (built on demand)."""
+    gen = torch.Generator().manual_seed(0)
+    device = bench.device
+
+    def docs(n: int | None) -> dict[str, Any]:
+        if n is None:  # random lengths: a boundary after each position with p = 16 / S
+            ids = (torch.rand(1, S, generator=gen) < 16 / S).cumsum(-1)
+        else:
+            ids = (torch.arange(S) // -(-S // n)).view(1, S)
+        return {"document_ids": ids.to(device)}
+
+    def padding(share: float) -> dict[str, Any]:
+        mask = torch.zeros(2, S, dtype=torch.bool)
+        mask[0, S - int(share * S) :] = True
+        mask[1, S - int(share * S / 2) :] = True  # the second row: another length
+        return {"key_padding_mask": mask.to(device)}
+
+    t5 = dilattn.T5RelativeBias(H, bidirectional=False, device=device)
+    return [
+        ("plain", 1, {}, dict),
+        ("plain, backend=flex", 1, {"backend": "flex"}, dict),
+        ("documents: 8 equal", 1, {}, lambda: docs(8)),
+        ("documents: 64 equal", 1, {}, lambda: docs(64)),
+        ("documents: random", 1, {}, lambda: docs(None)),
+        ("plain, B=2", 2, {}, dict),
+        ("padding: 5% / 2.5%, B=2", 2, {}, lambda: padding(0.05)),
+        ("padding: 50% / 25%, B=2", 2, {}, lambda: padding(0.5)),
+        ("ALiBi", 1, {"score_mod": dilattn.alibi_score_mod(H)}, dict),
+        ("T5 bias (learned)", 1, {"score_mod": t5.score_mod}, dict),
+        ("q_offset: last half of the queries", 1, {"q_offset": S // 2}, dict),
+        ("GQA, 4 kv heads", 1, {"enable_gqa": True}, dict),
+        ("local_window=1024", 1, {"local_window": 1024}, dict),
+    ]
+
+
+def _feature_inputs(
+    bench: Bench, B: int, H: int, S: int, D: int, q_offset: int, kv_heads: int, grad: bool
+) -> list[Tensor]:
+    """q ``(B, H, S - q_offset, D)`` and k, v ``(B, kv_heads, S, D)``."""
+    q = _qkv(bench, B, H, S - q_offset, D, "bhsd", grad)[0]
+    return [q, *_qkv(bench, B, kv_heads, S, D, "bhsd", grad)[:2]]
+
+
+def study_features(bench: Bench, setup: Setup) -> None:
+    """Every option a training run uses, at the paper configuration, forward and
+    forward+backward: time, the ratio to the plain call of the same batch size, useful
+    TFLOP/s (pairs that documents or padding hide are not counted) and the engine."""
+    H, D, base = setup.heads, setup.head_dim, setup.config
+    seg, rates = base.segment_lengths, base.dilation_rates
+    for backward in setup.backward:
+        for S in setup.seq_lens:
+            plain_ms: dict[int, float] = {}
+            for name, B, options, tensors in _features(bench, S, H):
+                extra = {**options, **tensors()}
+                config = DilatedConfig(seg, rates, local_window=extra.get("local_window"))
+                q_offset = extra.get("q_offset", 0)
+                kv_heads = 4 if extra.get("enable_gqa") else H
+                make = functools.partial(
+                    _feature_inputs, bench, B, H, S, D, q_offset, kv_heads, backward
+                )
+                pairs = useful_pairs(
+                    config,
+                    H,
+                    S,
+                    is_causal=True,
+                    document_ids=extra.get("document_ids"),
+                    key_padding_mask=extra.get("key_padding_mask"),
+                    q_start=q_offset,
+                )
+                pairs *= 1 if "key_padding_mask" in extra else B
+                try:
+                    engine = dilattn.explain(*make(), seg, rates, **extra).engine
+                except ValueError as refused:  # e.g. flex training on a CPU (--quick)
+                    bench.add(
+                        {"study": "features", "impl": name, "seq_len": S, "note": str(refused)[:60]}
+                    )
+                    continue
+                call = lambda qkv, extra=extra: dilattn.dilated_attention(
+                    *qkv, seg, rates, is_causal=True, **extra
+                )
+                _measure(bench, "features", name, S, make, call, 4 * D * pairs, backward)
+                row = bench.rows[-1]
+                row["engine"] = engine
+                if name.startswith("plain") and "backend" not in options and "ms" in row:
+                    plain_ms[B] = row["ms"]
+                if "ms" in row and B in plain_ms:
+                    row["vs_plain"] = row["ms"] / plain_ms[B]
+                if bench.on_row is not None:
+                    bench.on_row()
+
+
 def _timed(build: Callable[[], Any], bench: Bench) -> tuple[Any, float]:
     """``build()`` and the seconds it took (synchronised)."""
     start = time.perf_counter()
@@ -457,6 +618,10 @@ def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> 
             table.add_row(row["study"], row["impl"], "", "", "", "", "", "", note)
             continue
         share = "-" if not peak or row.get("tflops") is None else f"{row['tflops'] / peak:.0%}"
+        note = row.get("note", "")
+        if "engine" in row:
+            ratio = f", {row['vs_plain']:.2f}x plain" if "vs_plain" in row else ""
+            note = f"{row['engine']}{ratio} {note}".strip()
         table.add_row(
             row["study"],
             row["impl"],
@@ -466,7 +631,7 @@ def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> 
             _fmt(row, "tflops", ".0f"),
             share,
             _fmt(row, "peak_ratio", ".2f") + "x",
-            row.get("note", ""),
+            note,
         )
     console.print(table)
 
@@ -537,12 +702,20 @@ def main(argv: list[str] | None = None) -> int:
             study_paper(bench, Setup([top // 4, top // 2], backward=[True]), study)
         elif study == "mixed_lm":
             study_mixed_lm(bench, [128, 256] if quick else [8192, 32768])
+        elif study == "features":
+            study_features(
+                bench,
+                Setup(
+                    [256, 512] if quick else [x for x in (1 << 17, 1 << 20) if x <= args.max_len],
+                    config=small if quick else DilatedConfig(*PAPER),
+                ),
+            )
         elif study == "local":
             study_local(bench, [64, 256] if quick else lens)
         elif study in setups:
             study_paper(bench, setups[study], study)
         else:
-            choices = sorted([*setups, "lengths", "long", "local", "mixed_lm"])
+            choices = sorted([*setups, "features", "lengths", "long", "local", "mixed_lm"])
             parser.error(f"unknown study {study!r}; choose from {choices}")
         if args.json:  # after every row and study, so a cut-off run keeps what it measured
             _write_json(args.json, bench, peak, argv)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.functional import dilated_attention
+from dilattn.functional import dilated_attention, explain
 from dilattn.linear import linear_attention
 from dilattn.local import LocalAttention, local_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
@@ -92,6 +92,7 @@ __all__ = [
     "dilated_attention_parallel",
     "dilated_mask_mod",
     "dilated_score_mod",
+    "explain",
     "flex_mask",
     "gather_sequence",
     "linear_attention",

@@ -13,13 +13,12 @@ only pairs whose entries are all visible. Tests check both against ``create_bloc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, and_masks
+from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, and_masks, noop_mask
 
 # Masks with at most this many block pairs keep index rows as wide as the other axis, the
 # layout torch's own BlockMask helpers (``to_dense``, ``print``) expect; larger ones keep only
@@ -126,10 +125,57 @@ def block_mask_from_spans(
 def and_mask_mod(block_mask: BlockMask, mask_mod: _mask_mod_signature) -> BlockMask:
     """``block_mask``'s blocks with ``mask_mod`` and-ed into its own (a call's padding or
     documents into a mask built once); build ``block_mask`` with no full blocks, so the new
-    condition runs on every touched block. ``block_mask`` itself is left as it was."""
-    combined = copy.copy(block_mask)
-    combined.mask_mod = and_masks(block_mask.mask_mod, mask_mod)
-    return combined
+    condition runs on every touched block. ``block_mask`` itself is left as it was. A new
+    ``BlockMask`` over the same tensors (not ``copy.copy``, which dynamo cannot trace)."""
+    return BlockMask(
+        seq_lengths=block_mask.seq_lengths,
+        kv_num_blocks=block_mask.kv_num_blocks,
+        kv_indices=block_mask.kv_indices,
+        full_kv_num_blocks=block_mask.full_kv_num_blocks,
+        full_kv_indices=block_mask.full_kv_indices,
+        q_num_blocks=block_mask.q_num_blocks,
+        q_indices=block_mask.q_indices,
+        full_q_num_blocks=block_mask.full_q_num_blocks,
+        full_q_indices=block_mask.full_q_indices,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=and_masks(block_mask.mask_mod, mask_mod),
+    )
+
+
+def block_mask_from_dense(
+    touched: Tensor,
+    full: Tensor,
+    *,
+    seq_lengths: tuple[int, int],
+    block_size: int,
+    mask_mod: _mask_mod_signature | None,
+) -> BlockMask:
+    """A ``BlockMask`` from bool block matrices ``(B, H, n_q, n_kv)`` (broadcast together):
+    ``touched`` block pairs hold a visible entry, ``full`` ones (a subset) only visible
+    entries. For masks whose block matrices are small (one segment's blocks)."""
+    touched, full = torch.broadcast_tensors(touched, full)  # type: ignore[no-untyped-call]
+    partial = touched & ~full
+
+    def ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        num = blocks.sum(-1, dtype=torch.int32)
+        index = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
+        return num.contiguous(), index.to(torch.int32).contiguous()
+
+    kv, full_kv = ordered(partial), ordered(full)
+    q, full_q = ordered(partial.transpose(-1, -2)), ordered(full.transpose(-1, -2))
+    return BlockMask(
+        seq_lengths=seq_lengths,
+        kv_num_blocks=kv[0],
+        kv_indices=kv[1],
+        full_kv_num_blocks=full_kv[0],
+        full_kv_indices=full_kv[1],
+        q_num_blocks=q[0],
+        q_indices=q[1],
+        full_q_num_blocks=full_q[0],
+        full_q_indices=full_q[1],
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=noop_mask if mask_mod is None else mask_mod,
+    )
 
 
 def _widen(

@@ -96,12 +96,12 @@ _static_shapes = _StaticShapes()
 
 
 @contextlib.contextmanager
-def _strict_recompile_limit() -> Iterator[None]:
-    """At least :data:`RECOMPILE_LIMIT` variants, then an error. Sets the two dynamo options
-    directly: ``torch._dynamo.config.patch`` costs about a millisecond of host time a call."""
+def _strict_recompile_limit(limit: int = RECOMPILE_LIMIT) -> Iterator[None]:
+    """At least ``limit`` variants, then an error. Sets the two dynamo options directly:
+    ``torch._dynamo.config.patch`` costs about a millisecond of host time a call."""
     config = torch._dynamo.config
     saved = config.recompile_limit, config.fail_on_recompile_limit_hit
-    config.recompile_limit = max(saved[0], RECOMPILE_LIMIT)
+    config.recompile_limit = max(saved[0], limit)
     config.fail_on_recompile_limit_hit = True
     try:
         yield

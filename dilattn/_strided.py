@@ -142,6 +142,7 @@ def plan(
     group: int,
     seq_len: int,
     batch: int = 1,
+    call_rows: int = CALL_ROWS,
 ) -> Plan:
     """The calls that compute every branch over ``seq_len`` positions; ``group`` query heads
     share a key/value head; offset -1: the head skips the branch. Per branch, the fewer of:
@@ -165,8 +166,8 @@ def plan(
         for q_heads, kv_heads, o, (start, segments, _), rows in chosen:
             heads = {q_heads.start + i * q_heads.step for i in range(q_heads.size)}
             writes = not heads & touched
-            # at most CALL_ROWS rows a call: its output is a temporary
-            chunk = max(1, CALL_ROWS // (batch * q_heads.size * rows))
+            # at most call_rows rows a call: its output is a temporary
+            chunk = max(1, call_rows // (batch * q_heads.size * rows))
             for first in range(0, segments, chunk):
                 rows_of = Rows(start + first * w + o, w, min(chunk, segments - first), r, rows)
                 calls.append(Call(q_heads, kv_heads, rows_of, writes, writes_kv))

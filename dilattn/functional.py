@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn import _strided
 from dilattn._branch import Backend, PositionMods, branch_attention
-from dilattn._checks import (
-    default_scale,
-    number_in,
-)
+from dilattn._checks import default_scale, number_in
+from dilattn._dispatch import BackendName, Dispatch, dispatch
+from dilattn._flex_strided import Visibility, flex_strided_attention
 from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn._window import sliding_window, window_attention
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.merge import merge_by_lse
 
-__all__ = ["dilated_attention", "resolve_backend"]
-
-
-BackendName = Literal["auto", "strided", "flex", "math"]
+__all__ = ["BackendName", "dilated_attention", "explain", "resolve_backend"]
 
 
 def resolve_backend(
@@ -36,43 +31,19 @@ def resolve_backend(
     extras: str | None = None,
     dropout_p: float = 0.0,
 ) -> Backend | Literal["strided"]:
-    """The backend that runs on these inputs. ``"auto"`` is ``"math"`` off CUDA; on CUDA it
-    is ``"strided"`` where that applies (fp16/bf16, ``S_q == S_kv``, head dims multiples of 8
-    up to 128, none of the ``extras`` (padding, documents, score_mod, q_offset, dropout, a
-    local window)), else ``"flex"``."""
-    tensors, head_dim = (query, key, value), query.shape[-1]
-    if backend not in ("auto", "strided", "flex", "math"):
-        raise ValueError(f"backend must be 'auto', 'strided', 'flex' or 'math', got {backend!r}")
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    why_not = _strided.supports(query, key, value)
-    if why_not is None and extras is not None:
-        why_not = f"it does not take {extras}"
-    if backend == "strided" and why_not is not None:
-        raise ValueError(f"backend='strided' cannot run here: {why_not}")
-    if head_offsets == "split":
-        if backend not in ("auto", "strided") or why_not is not None:
-            raise ValueError(
-                "head_offsets='split' runs on the strided backend only"
-                + (f", which cannot run here: {why_not}" if why_not else f", got {backend!r}")
-            )
-        return "strided"
-    if backend == "auto":
-        backend = "math" if not query.is_cuda else "strided" if why_not is None else "flex"
-    if backend == "strided":
-        return backend
-    if backend == "flex" and dropout_p > 0:
-        raise ValueError(
-            f"dropout_p={dropout_p}: FlexAttention has no attention dropout; use "
-            "backend='math', or dropout 0 (e.g. the module in eval mode)"
-        )
-    if backend == "flex" and query.is_cuda and head_dim < 16:
-        raise ValueError(f"the flex backend on CUDA needs head dims of at least 16, got {head_dim}")
-    if backend == "flex" and not query.is_cuda and needs_grad:
-        raise ValueError(
-            "backend='flex' is forward-only off CUDA (FlexAttention has no CPU backward); "
-            "use backend='math' (the default there) to train"
-        )
-    return backend
+    """The kind of engine :func:`dilattn._dispatch.dispatch` picks (``"strided"``, ``"flex"``
+    or ``"math"``), for callers that run gathered rows (local windows, sequence parallelism)."""
+    engine = dispatch(
+        backend,
+        query,
+        key,
+        value,
+        head_offsets=head_offsets,
+        extras=() if extras is None else (extras,),
+        dropout_p=dropout_p,
+        q_offset=1,  # gathered rows: never the strided views
+    ).engine
+    return "flex" if engine.startswith("flex") else engine  # type: ignore[return-value]
 
 
 def dilated_attention(
@@ -151,10 +122,108 @@ def dilated_attention(
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference``.
     """
+    call = _prepare(
+        query,
+        key,
+        value,
+        segment_lengths,
+        dilation_rates,
+        head_offsets=head_offsets,
+        backend=backend,
+        enable_gqa=enable_gqa,
+        key_padding_mask=key_padding_mask,
+        document_ids=document_ids,
+        cu_seqlens=cu_seqlens,
+        score_mod=score_mod,
+        q_offset=q_offset,
+        dropout_p=dropout_p,
+        local_window=local_window,
+    )
+    config, engine = call.config, call.dispatch.engine
+    scale = default_scale(scale, query.shape[-1])
+    offsets = config.offsets(query.shape[1])
+    if engine == "strided":
+        out, lse = _strided.strided_attention(
+            query, key, value, config.branches, offsets, is_causal=is_causal, scale=scale
+        )
+        return (out, lse) if return_lse else out
+    mods = PositionMods(visibility_mask_mod(call.padding, call.documents), score_mod)
+    if engine == "flex_strided":
+        out, lse = flex_strided_attention(
+            query,
+            key,
+            value,
+            config.branches,
+            offsets,
+            is_causal=is_causal,
+            scale=scale,
+            mods=mods,
+            visibility=Visibility(call.padding, call.documents),
+        )
+    else:
+        out, lse = branch_attention(
+            query,
+            key,
+            value,
+            config.branches,
+            offsets,
+            is_causal=is_causal,
+            scale=scale,
+            backend="math" if engine == "math" else "flex",
+            q_offset=call.q_offset,
+            mods=mods,
+            dropout_p=call.dropout_p,
+        )
+    if config.local_window is not None:
+        window = sliding_window(config.local_window, is_causal)
+        local_out, local_lse = window_attention(
+            query,
+            key,
+            value,
+            window,
+            scale=scale,
+            backend="math" if engine == "math" else "flex",
+            q_offset=call.q_offset,
+            mods=mods,
+            dropout_p=call.dropout_p,
+        )
+        out, lse = merge_by_lse([out, local_out], [lse, local_lse])
+    return (out, lse) if return_lse else out
+
+
+class _Call(NamedTuple):
+    """A checked call: its configuration, validated extras and the engine that runs it."""
+
+    config: DilatedConfig
+    q_offset: int
+    padding: Tensor | None
+    documents: Tensor | None
+    dropout_p: float
+    dispatch: Dispatch
+
+
+def _prepare(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_offsets: HeadOffsets,
+    backend: BackendName,
+    enable_gqa: bool,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor | None,
+    cu_seqlens: Tensor | None,
+    score_mod: _score_mod_signature | None,
+    q_offset: int,
+    dropout_p: float,
+    local_window: int | None,
+) -> _Call:
     config = DilatedConfig(
         tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
     )
-    shapes, q_offset, padding, documents = check_call(
+    _, q_offset, padding, documents = check_call(
         query,
         key,
         value,
@@ -167,53 +236,57 @@ def dilated_attention(
     )
     dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
     used = {
-        "key_padding_mask": key_padding_mask is not None,
+        "key_padding_mask": padding is not None,
         "document_ids/cu_seqlens": documents is not None,
         "score_mod": score_mod is not None,
         "q_offset": q_offset != 0,
         "dropout_p": dropout_p > 0,
         "local_window": local_window is not None,
     }
-    chosen = resolve_backend(
+    chosen = dispatch(
         backend,
         query,
         key,
         value,
         head_offsets=config.head_offsets,
-        extras=next((name for name, on in used.items() if on), None),
+        extras=tuple(name for name, on in used.items() if on),
         dropout_p=dropout_p,
+        q_offset=q_offset,
     )
-    scale = default_scale(scale, shapes.head_dim)
-    if chosen == "strided":
-        out, lse = _strided.strided_attention(
-            query,
-            key,
-            value,
-            config.branches,
-            config.offsets(shapes.q_heads),
-            is_causal=is_causal,
-            scale=scale,
-        )
-        return (out, lse) if return_lse else out
-    mods = PositionMods(visibility_mask_mod(padding, documents), score_mod)
-    common: dict[str, Any] = {
-        "scale": scale,
-        "backend": chosen,
-        "q_offset": q_offset,
-        "mods": mods,
-        "dropout_p": dropout_p,
+    return _Call(config, q_offset, padding, documents, dropout_p, chosen)
+
+
+def explain(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    **options: Any,
+) -> Dispatch:
+    """Which engine :func:`dilated_attention` runs for this call, and why every faster one
+    was refused. ``options``: :func:`dilated_attention`'s keyword arguments (those that do not
+    change the choice, such as ``scale``, are ignored)::
+
+        >>> print(dilattn.explain(q, k, v, [2048, 4096], [1, 2], document_ids=docs))
+        engine: flex_strided
+          not strided: it does not take document_ids/cu_seqlens
+    """
+    accepted = {
+        "head_offsets": "cyclic",
+        "backend": "auto",
+        "enable_gqa": False,
+        "key_padding_mask": None,
+        "document_ids": None,
+        "cu_seqlens": None,
+        "score_mod": None,
+        "q_offset": 0,
+        "dropout_p": 0.0,
+        "local_window": None,
     }
-    out, lse = branch_attention(
-        query,
-        key,
-        value,
-        config.branches,
-        config.offsets(shapes.q_heads),
-        is_causal=is_causal,
-        **common,
-    )
-    if config.local_window is not None:
-        window = sliding_window(config.local_window, is_causal)
-        local_out, local_lse = window_attention(query, key, value, window, **common)
-        out, lse = merge_by_lse([out, local_out], [lse, local_lse])
-    return (out, lse) if return_lse else out
+    ignored = {"is_causal", "scale", "return_lse"}
+    unknown = set(options) - set(accepted) - ignored
+    if unknown:
+        raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
+    kwargs = {name: options.get(name, default) for name, default in accepted.items()}
+    return _prepare(query, key, value, segment_lengths, dilation_rates, **kwargs).dispatch

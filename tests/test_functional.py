@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import dilattn._branch
 from dilattn import dilated_attention
-from dilattn._branch import layout
+from dilattn._branch import PositionMods, branch_attention, layout
+from dilattn._varlen import visibility_mask_mod
 from dilattn.reference import dilated_attention_reference
 
 
@@ -173,7 +174,8 @@ def test_extras_apply_inside_blocks_that_are_otherwise_full(backend: str, extra:
 @pytest.mark.parametrize("extra", [None, "key_padding_mask", "document_ids"])
 def test_flex_block_masks_have_no_full_blocks_with_extras(monkeypatch, extra) -> None:
     """Eager flex (CPU) runs the mask_mod everywhere; compiled flex skips it on full blocks,
-    so with padding or documents the branch path must mark none full."""
+    so with padding or documents the gathered branch path must mark none full (its mask is
+    built once per shape, without them)."""
     seen = []
     run = dilattn._branch._run_flex
     monkeypatch.setattr(
@@ -189,7 +191,12 @@ def test_flex_block_masks_have_no_full_blocks_with_extras(monkeypatch, extra) ->
             )
         }
     )
-    dilated_attention(q, k, v, [150], [1], backend="flex", **kwargs)
+    mods = PositionMods(
+        visibility_mask_mod(kwargs.get("key_padding_mask"), kwargs.get("document_ids"))
+    )
+    branch_attention(
+        q, k, v, ((150, 1),), ((0, 0),), is_causal=False, scale=1.0, backend="flex", mods=mods
+    )
     (block_mask,) = seen
     assert (block_mask.full_kv_num_blocks.sum() == 0) == (extra is not None)
     assert (block_mask.full_q_num_blocks.sum() == 0) == (extra is not None)

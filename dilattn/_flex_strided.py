@@ -1,0 +1,444 @@
+"""The flex engine: every call of the strided plan runs FlexAttention on strided views.
+
+The strided path's plan (:func:`dilattn._strided.plan`) splits each branch into calls whose
+rows are strided views of q, k and v (no gather). Here each call is one FlexAttention call
+on those views, with:
+
+* a ``mask_mod`` and ``score_mod`` that map the view's indices ``(x, g, m)`` back to the batch
+  row, the query head and the absolute position ``start[x, g] + m * step`` before calling the
+  caller's mods (padding, documents, ALiBi, T5, ...), so every mod sees what the dense
+  reference sees;
+* a block mask built from per-block statistics of the call's rows (the causal triangle, the
+  smallest and largest document id of each block, whether a key block is all or partly
+  padding): blocks inside one document stay full and skip the ``mask_mod``, blocks between
+  documents or wholly padding are skipped, only blocks on a boundary evaluate it.
+
+Each call's output is merged into the result in place by log-sum-exp (the strided path's
+Triton kernel). The backward runs FlexAttention's backward per call with gradients that make
+the sum of the calls' gradients the gradient of the merged result: for call ``i`` with
+output ``O_i``, lse ``l_i`` and merge weight ``w_i = exp(l_i - L)``, ``dO_i = w_i dO`` and
+``dl_i = w_i (dO . (O_i - O) + dL)``. The per-call autograd graphs are kept from the forward
+(its outputs are saved, as FlexAttention saves them), so nothing is recomputed.
+
+Shape legend: ``B`` batch, ``H`` query heads, ``X`` view batch (segments, or batch rows times
+segments), ``G`` heads of one call, ``M`` rows per segment, ``n`` blocks of ``M``, ``S``
+positions, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import (
+    AuxRequest,
+    BlockMask,
+    _mask_mod_signature,
+    _score_mod_signature,
+    flex_attention,
+)
+
+from dilattn import _strided
+from dilattn._blocks import block_mask_from_dense, cdiv
+from dilattn._branch import BLOCK_SIZE, PositionMods, _strict_recompile_limit
+
+__all__ = ["Visibility", "flex_strided_attention", "supports"]
+
+# Rows of one flex call: its output (bf16) and lse are temporaries of this many rows
+CALL_ROWS = 1 << 22
+# Kernels are compiled per view shape (a paper-config forward has about seven); fail loudly
+# past this many rather than fall back to eager flex, which materialises every score.
+RECOMPILE_LIMIT = 256
+
+
+def _flex_views(q: Tensor, k: Tensor, v: Tensor, **options: Any) -> Any:
+    """FlexAttention under a code object of this engine's own (dynamo counts recompiles per
+    code object: a user's flex cannot use up, or turn eager, ours)."""
+    return flex_attention(q, k, v, **options)
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    """Compiled on first use, for each view shape alone (the fastest kernels)."""
+    return torch.compile(_flex_views, dynamic=False)
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    scale: float,
+    score_mod: _score_mod_signature | None,
+) -> tuple[Tensor, Tensor]:
+    """One flex call with lse: compiled on CUDA (never its eager fallback), eager on CPU."""
+    options: dict[str, Any] = {
+        "score_mod": score_mod,
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": True,
+        "return_aux": AuxRequest(lse=True),
+    }
+    if not q.is_cuda:
+        out, aux = flex_attention(q, k, v, **options)
+        return out, aux.lse
+    try:
+        with _strict_recompile_limit(RECOMPILE_LIMIT):
+            out, aux = _compiled_flex()(q, k, v, **options)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        raise RuntimeError(
+            f"dilattn: the flex engine met more than {RECOMPILE_LIMIT} kernel variants (view "
+            "shapes, dtypes, mods); refusing to fall back to eager flex, which materialises "
+            "every score. Raise dilattn._flex_strided.RECOMPILE_LIMIT if you need more."
+        ) from error
+    return out, aux.lse
+
+
+class Visibility(NamedTuple):
+    """The raw tensors behind a visibility ``mask_mod``, read to skip or fill whole blocks:
+    ``key_padding_mask`` ``(B, S)`` (``True`` = padding), ``document_ids`` ``(B or 1, S)``."""
+
+    key_padding_mask: Tensor | None = None
+    document_ids: Tensor | None = None
+
+
+def supports(query: Tensor, key: Tensor, value: Tensor, q_offset: int) -> str | None:
+    """Why the flex engine on strided views cannot take these inputs, or None."""
+    if query.shape[2] != key.shape[2] or q_offset != 0:
+        return "it needs S_q == S_kv and q_offset == 0"
+    if any(x.stride(-1) != 1 for x in (query, key, value)):
+        return "it needs the head dim contiguous (stride 1)"
+    if query.is_cuda and query.shape[-1] < 16:
+        return f"FlexAttention on CUDA needs head dims of at least 16, got {query.shape[-1]}"
+    return None
+
+
+class Geometry(NamedTuple):
+    """Where the rows of one view come from: view row ``(x, g, m)`` is batch row
+    ``batch[x, g]``, query head ``head[x, g]``, position ``start[x, g] + m * step``."""
+
+    batch: Tensor  # (X, G) int64
+    head: Tensor  # (X, G) int64
+    start: Tensor  # (X, G) int64
+    step: int
+    rows: int
+
+
+def _index_layout(query: Tensor) -> _strided.Layout:
+    """A dense ``(B, H, S, 1)`` layout with the dim order of ``query``: folded like the real
+    tensors, its element addresses decode back to ``(b, h, s)``."""
+    B, H, S = query.shape[:3]
+    strides_of = query.stride()
+    order = sorted(range(3), key=lambda d: -strides_of[d])
+    strides = [0, 0, 0]
+    size = 1
+    for d in reversed(order):
+        strides[d] = size
+        size *= (B, H, S)[d]
+    return ((B, H, S, 1), (*strides, 1), False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(spec: _strided.Spec, index: _strided.Layout, device: torch.device) -> Geometry:
+    """Decode the view ``spec`` of the index layout into batch rows, heads and positions
+    (cached: a plan's views repeat every call)."""
+    (X, G, M, _), (sx, sg, sm, _), offset = spec
+    shape, strides = index[0][:3], index[1][:3]
+    with torch.inference_mode(False):
+        x, g = (torch.arange(n, device=device) for n in (X, G))
+        address = offset + x.view(-1, 1) * sx + g.view(1, -1) * sg
+        batch, head, start = (address // s % n for n, s in zip(shape, strides, strict=True))
+    return Geometry(batch, head, start, sm // strides[2], M)
+
+
+def _closure_tensors(fn: object, seen: set[int] | None = None) -> Iterator[Tensor]:
+    """Tensors that require grad in ``fn``'s closure (and in functions it closes over): the
+    learnable tables of score mods such as :class:`dilattn.T5RelativeBias`."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, Tensor) and value.requires_grad:
+            yield value
+        elif callable(value):
+            yield from _closure_tensors(value, seen)
+
+
+def _causal(x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> Tensor:
+    return m_kv <= m_q
+
+
+def _view_mods(
+    geo: Geometry, mods: PositionMods, is_causal: bool
+) -> tuple[_mask_mod_signature | None, _score_mod_signature | None]:
+    """The call's ``mask_mod`` (causal on view rows, and ``mods.mask_mod``) and ``score_mod``
+    on view indices, calling ``mods`` with batch rows, heads and absolute positions."""
+    batch, head, start, step = geo.batch, geo.head, geo.start, geo.step
+
+    def where(x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> tuple[Tensor, ...]:
+        first = start[x, g]
+        return batch[x, g], head[x, g], first + m_q * step, first + m_kv * step
+
+    mask_mod: _mask_mod_signature | None = _causal if is_causal else None
+    if mods.mask_mod is not None:
+        visible = mods.mask_mod
+
+        def view_mask(x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> Tensor:
+            keep = visible(*where(x, g, m_q, m_kv))
+            return keep & (m_kv <= m_q) if is_causal else keep
+
+        mask_mod = view_mask
+    score_mod: _score_mod_signature | None = None
+    if mods.score_mod is not None:
+        user_score = mods.score_mod
+
+        def view_score(score: Tensor, x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> Tensor:
+            return user_score(score, *where(x, g, m_q, m_kv))
+
+        score_mod = view_score
+    return mask_mod, score_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle(blocks: int, is_causal: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Touched and full block pairs ``(1, 1, n, n)`` of (causal) attention inside a segment."""
+    with torch.inference_mode(False):
+        i = torch.arange(blocks, device=device)
+        ones = torch.ones(blocks, blocks, dtype=torch.bool, device=device)
+        if not is_causal:
+            return ones.view(1, 1, blocks, blocks), ones.view(1, 1, blocks, blocks)
+        touched = i.view(-1, 1) >= i.view(1, -1)
+        full = i.view(-1, 1) > i.view(1, -1)
+        return touched.view(1, 1, blocks, blocks), full.view(1, 1, blocks, blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_block_mask(rows: int, is_causal: bool, device: torch.device) -> BlockMask:
+    """The block mask of (causal) attention inside a segment of ``rows`` rows."""
+    touched, full = _triangle(cdiv(rows, BLOCK_SIZE), is_causal, device)
+    with torch.inference_mode(False):
+        return block_mask_from_dense(
+            touched,
+            full,
+            seq_lengths=(rows, rows),
+            block_size=BLOCK_SIZE,
+            mask_mod=_causal if is_causal else None,
+        )
+
+
+def _block_stats(values: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Smallest and largest value of each block of ``BLOCK_SIZE`` rows: ``(X, G, n)`` each,
+    from ``values`` ``(X, G, M)`` (the last block may be short)."""
+    pad = cdiv(rows, BLOCK_SIZE) * BLOCK_SIZE - rows
+    edge = values[..., -1:].expand(*values.shape[:-1], pad)
+    blocks = torch.cat([values, edge], -1).view(*values.shape[:-1], -1, BLOCK_SIZE)
+    return blocks.amin(-1), blocks.amax(-1)
+
+
+def _call_block_mask(
+    geo: Geometry, vis: Visibility, is_causal: bool, mask_mod: _mask_mod_signature | None
+) -> BlockMask:
+    """The block mask of one call: the causal triangle, less the key blocks that are all
+    padding and the block pairs that share no document; full where no key is padding and
+    both blocks lie in one document."""
+    if vis.key_padding_mask is None and vis.document_ids is None:
+        return _segment_block_mask(geo.rows, is_causal, geo.start.device)
+    n = cdiv(geo.rows, BLOCK_SIZE)
+    touched, full = _triangle(n, is_causal, geo.start.device)
+    if vis.key_padding_mask is not None or vis.document_ids is not None:
+        positions = geo.start.unsqueeze(-1) + geo.step * torch.arange(
+            geo.rows, device=geo.start.device
+        )  # (X, G, M)
+        batch = geo.batch.unsqueeze(-1)
+        if vis.key_padding_mask is not None:
+            padded = vis.key_padding_mask[batch, positions].to(torch.int8)
+            some, every = (x.bool().unsqueeze(-2) for x in _block_stats(padded, geo.rows))
+            touched, full = touched & ~every, full & ~some
+        if vis.document_ids is not None:
+            docs = vis.document_ids
+            doc = docs[batch if docs.shape[0] > 1 else torch.zeros_like(batch), positions]
+            lo, hi = _block_stats(doc, geo.rows)
+            q_lo, q_hi, k_lo, k_hi = (
+                lo[..., :, None],
+                hi[..., :, None],
+                lo[..., None, :],
+                hi[..., None, :],
+            )
+            touched = touched & (q_lo <= k_hi) & (k_lo <= q_hi)
+            full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    return block_mask_from_dense(
+        touched,
+        full,
+        seq_lengths=(geo.rows, geo.rows),
+        block_size=BLOCK_SIZE,
+        mask_mod=mask_mod,
+    )
+
+
+class _Call(NamedTuple):
+    """One flex call of the forward, kept for its backward."""
+
+    specs: tuple[_strided.Spec, ...]  # views of q, k, v, out, lse
+    writes: tuple[bool, bool]  # first to write its rows of dq / of dk and dv
+    inputs: tuple[Tensor, ...]  # the views flex read (leaves of its graph), and the buffers
+    outputs: tuple[Tensor, Tensor]  # its out and lse
+
+
+def _calls(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plan: _strided.Plan,
+) -> Iterator[tuple[_strided.Call, tuple[_strided.Spec, ...], Geometry]]:
+    tensors = (query, key, value, out, lse)
+    layouts = tuple(_strided._layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
+    index = _index_layout(query)
+    for call in plan.calls:
+        for specs in _strided._specs(call, (*layouts, index)):
+            yield call, specs[:5], _geometry(specs[5], index, query.device)
+
+
+def _forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: _strided.Plan,
+    is_causal: bool,
+    scale: float,
+    mods: PositionMods,
+    vis: Visibility,
+    buffers: tuple[Tensor, ...],
+    keep: bool,
+) -> tuple[Tensor, Tensor, list[_Call]]:
+    """Every call, merged into ``(out, lse)``; with ``keep``, the calls' graphs for the
+    backward."""
+    out = _strided._new_out(query, value)
+    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
+    if plan.zero_fill:
+        out.zero_()
+        lse.fill_(-torch.inf)
+    kept = []
+    source = tuple(x.detach() for x in (query, key, value))
+    for call, specs, geo in _calls(query, key, value, out, lse, plan):
+        mask_mod, score_mod = _view_mods(geo, mods, is_causal)
+        block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
+        q, k, v = (_strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
+        with torch.enable_grad() if keep else torch.no_grad():
+            if keep:
+                q, k, v = (x.requires_grad_() for x in (q, k, v))
+            o, l = _attend(q, k, v, block_mask, scale, score_mod)
+        acc, acc_lse = (
+            _strided._at(x, spec) for x, spec in zip((out, lse), specs[3:], strict=True)
+        )
+        _strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
+        if keep:
+            kv_writes = call.writes_kv
+            kept.append(_Call(specs, (call.writes, kv_writes), (q, k, v, *buffers), (o, l)))
+    return out, lse, kept
+
+
+def _backward(
+    calls: list[_Call],
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    zero_fill: bool,
+    buffers: tuple[Tensor, ...],
+) -> tuple[Tensor | None, ...]:
+    """Each call's flex backward with the gradients that sum to the merged result's."""
+    writes_kv = bool(calls) and calls[0].writes[1]
+    dq = (torch.zeros_like if zero_fill else torch.empty_like)(query)
+    dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
+    d_buffers: list[Tensor | None] = [None] * len(buffers)
+    for call in calls:
+        o, l = call.outputs
+        spec_o, spec_l = call.specs[3], call.specs[4]
+        merged_out, merged_lse = _strided._at(out, spec_o), _strided._at(lse, spec_l)
+        g = _strided._at(grad_out, spec_o).float()
+        weight = torch.where(l.isneginf(), 0.0, torch.exp(l - merged_lse))  # (X, G, M)
+        d_lse = (g * (o.float() - merged_out.float())).sum(-1)
+        if grad_lse is not None:
+            d_lse = d_lse + _strided._at(grad_lse, spec_l)
+        grads = torch.autograd.grad(
+            (o, l),
+            call.inputs,
+            ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse),
+            allow_unused=True,
+        )
+        targets = (dq, dk, dv)
+        writes = (call.writes[0], call.writes[1], call.writes[1])
+        for target, spec, piece, write in zip(targets, call.specs, grads, writes, strict=False):
+            _strided._add_rows(_strided._at(target, spec), piece, write)
+        for i, piece in enumerate(grads[3:]):
+            if piece is not None:
+                before = d_buffers[i]
+                d_buffers[i] = piece if before is None else before + piece
+    return (dq, dk, dv, *d_buffers)
+
+
+class _FlexStrided(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        options: tuple[Any, ...],
+        *buffers: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        plan, is_causal, scale, mods, vis = options
+        keep = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:])
+        out, lse, calls = _forward(
+            query, key, value, plan, is_causal, scale, mods, vis, buffers, keep
+        )
+        ctx.calls, ctx.zero_fill, ctx.buffers = calls, plan.zero_fill, buffers
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> Any:  # type: ignore[override]
+        query, key, value, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grads = _backward(
+            ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.zero_fill, ctx.buffers
+        )
+        ctx.calls = []
+        return (*grads[:3], None, *grads[3:])
+
+
+def flex_strided_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    branches: tuple[tuple[int, int], ...],
+    offsets: tuple[tuple[int, ...], ...],
+    *,
+    is_causal: bool,
+    scale: float,
+    mods: PositionMods,
+    visibility: Visibility,
+) -> tuple[Tensor, Tensor]:
+    """Dilated attention by flex on strided views: ``(B, H, S, Dv)`` and lse ``(B, H, S)``
+    (float32); ``mods`` over positions, ``visibility`` the tensors behind ``mods.mask_mod``."""
+    B, H, S = query.shape[:3]
+    plan = _strided.plan(branches, offsets, H // key.shape[1], S, B, CALL_ROWS)
+    buffers = tuple(_closure_tensors(mods.score_mod)) if mods.score_mod is not None else ()
+    options = (plan, is_causal, scale, mods, visibility)
+    out, lse = _FlexStrided.apply(query, key, value, options, *buffers)  # type: ignore[no-untyped-call]
+    return out, lse
