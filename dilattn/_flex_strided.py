@@ -390,6 +390,13 @@ def _backward(
     return (dq, dk, dv, *d_buffers)
 
 
+def _like(x: Tensor, grad: Tensor | None) -> Tensor:
+    """``grad`` with the strides of ``x`` (zeros for None)."""
+    if grad is None:
+        return torch.zeros_like(x)
+    return grad if grad.stride() == x.stride() else torch.empty_like(x).copy_(grad)
+
+
 class _FlexStrided(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -413,8 +420,9 @@ class _FlexStrided(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor | None, grad_lse: Tensor | None) -> Any:  # type: ignore[override]
         query, key, value, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
+        # the calls' views are specs of the output's layout: give the gradients that layout
+        grad_out = _like(out, grad_out)
+        grad_lse = None if grad_lse is None else _like(lse, grad_lse)
         grads = _backward(
             ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.zero_fill, ctx.buffers
         )
