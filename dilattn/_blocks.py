@@ -142,17 +142,10 @@ def and_mask_mod(block_mask: BlockMask, mask_mod: _mask_mod_signature) -> BlockM
     )
 
 
-def block_mask_from_dense(
-    touched: Tensor,
-    full: Tensor,
-    *,
-    seq_lengths: tuple[int, int],
-    block_size: int,
-    mask_mod: _mask_mod_signature | None,
-) -> BlockMask:
-    """A ``BlockMask`` from bool block matrices ``(B, H, n_q, n_kv)`` (broadcast together):
-    ``touched`` block pairs hold a visible entry, ``full`` ones (a subset) only visible
-    entries. For masks whose block matrices are small (one segment's blocks)."""
+def dense_block_indices(touched: Tensor, full: Tensor) -> tuple[Tensor, ...]:
+    """``BlockMask``'s eight index tensors (kv side, then q side; partial, then full) from
+    bool block matrices ``(B, H, n_q, n_kv)`` (broadcast together): ``touched`` block pairs
+    hold a visible entry, ``full`` ones (a subset) only visible entries."""
     touched, full = torch.broadcast_tensors(touched, full)  # type: ignore[no-untyped-call]
     partial = touched & ~full
 
@@ -161,18 +154,29 @@ def block_mask_from_dense(
         index = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
         return num.contiguous(), index.to(torch.int32).contiguous()
 
-    kv, full_kv = ordered(partial), ordered(full)
-    q, full_q = ordered(partial.transpose(-1, -2)), ordered(full.transpose(-1, -2))
+    sides = (partial, full, partial.transpose(-1, -2), full.transpose(-1, -2))
+    return tuple(x for blocks in sides for x in ordered(blocks))
+
+
+def block_mask_from_indices(
+    indices: Sequence[Tensor],
+    *,
+    seq_lengths: tuple[int, int],
+    block_size: int,
+    mask_mod: _mask_mod_signature | None,
+) -> BlockMask:
+    """A ``BlockMask`` from the eight tensors of :func:`dense_block_indices`."""
+    kv, kv_idx, full_kv, full_kv_idx, q, q_idx, full_q, full_q_idx = indices
     return BlockMask(
         seq_lengths=seq_lengths,
-        kv_num_blocks=kv[0],
-        kv_indices=kv[1],
-        full_kv_num_blocks=full_kv[0],
-        full_kv_indices=full_kv[1],
-        q_num_blocks=q[0],
-        q_indices=q[1],
-        full_q_num_blocks=full_q[0],
-        full_q_indices=full_q[1],
+        kv_num_blocks=kv,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_kv,
+        full_kv_indices=full_kv_idx,
+        q_num_blocks=q,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q,
+        full_q_indices=full_q_idx,
         BLOCK_SIZE=(block_size, block_size),
         mask_mod=noop_mask if mask_mod is None else mask_mod,
     )

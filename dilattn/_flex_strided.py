@@ -42,13 +42,14 @@ from torch.nn.attention.flex_attention import (
 )
 
 from dilattn import _strided
-from dilattn._blocks import block_mask_from_dense, cdiv
+from dilattn._blocks import block_mask_from_indices, cdiv, dense_block_indices
 from dilattn._branch import BLOCK_SIZE, PositionMods, _strict_recompile_limit
 
 __all__ = ["Visibility", "flex_strided_attention", "supports"]
 
-# Rows of one flex call: its output (bf16) and lse are temporaries of this many rows
-CALL_ROWS = 1 << 22
+# Rows of one flex call (its output and lse are temporaries): no limit, every call of a
+# branch in one launch, as host time per launch is what short sequences pay for
+CALL_ROWS = 1 << 40
 # Kernels are compiled per view shape (a paper-config forward has about seven); fail loudly
 # past this many rather than fall back to eager flex, which materialises every score.
 RECOMPILE_LIMIT = 256
@@ -120,9 +121,9 @@ class Geometry(NamedTuple):
     """Where the rows of one view come from: view row ``(x, g, m)`` is batch row
     ``batch[x, g]``, query head ``head[x, g]``, position ``start[x, g] + m * step``."""
 
-    batch: Tensor  # (X, G) int64
-    head: Tensor  # (X, G) int64
-    start: Tensor  # (X, G) int64
+    batch: Tensor  # (X, G) int32
+    head: Tensor  # (X, G) int32
+    start: Tensor  # (X, G) int32
     step: int
     rows: int
 
@@ -150,7 +151,9 @@ def _geometry(spec: _strided.Spec, index: _strided.Layout, device: torch.device)
     with torch.inference_mode(False):
         x, g = (torch.arange(n, device=device) for n in (X, G))
         address = offset + x.view(-1, 1) * sx + g.view(1, -1) * sg
-        batch, head, start = (address // s % n for n, s in zip(shape, strides, strict=True))
+        batch, head, start = (
+            (address // s % n).to(torch.int32) for n, s in zip(shape, strides, strict=True)
+        )  # int32: the kernels' index arithmetic stays 32-bit
     return Geometry(batch, head, start, sm // strides[2], M)
 
 
@@ -225,61 +228,69 @@ def _segment_block_mask(rows: int, is_causal: bool, device: torch.device) -> Blo
     """The block mask of (causal) attention inside a segment of ``rows`` rows."""
     touched, full = _triangle(cdiv(rows, BLOCK_SIZE), is_causal, device)
     with torch.inference_mode(False):
-        return block_mask_from_dense(
-            touched,
-            full,
+        return block_mask_from_indices(
+            dense_block_indices(touched, full),
             seq_lengths=(rows, rows),
             block_size=BLOCK_SIZE,
             mask_mod=_causal if is_causal else None,
         )
 
 
-def _block_stats(values: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """Smallest and largest value of each block of ``BLOCK_SIZE`` rows: ``(X, G, n)`` each,
-    from ``values`` ``(X, G, M)`` (the last block may be short)."""
-    pad = cdiv(rows, BLOCK_SIZE) * BLOCK_SIZE - rows
-    edge = values[..., -1:].expand(*values.shape[:-1], pad)
-    blocks = torch.cat([values, edge], -1).view(*values.shape[:-1], -1, BLOCK_SIZE)
-    return blocks.amin(-1), blocks.amax(-1)
+def _visible_blocks(
+    start: Tensor,
+    batch: Tensor,
+    touched: Tensor,
+    full: Tensor,
+    step: int,
+    rows: int,
+    padding: Tensor | None,
+    documents: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """The index tensors of one call's block mask: ``touched``/``full`` (the causal
+    triangle) less the key blocks that are all padding and the block pairs that share no
+    document; full only where no key is padding and both blocks lie in one document.
+    ``start``, ``batch``: ``(X, G)``, as :class:`Geometry`; ``rows`` per segment (the last
+    block's missing rows repeat the last row)."""
+    row = torch.arange(touched.shape[-1] * BLOCK_SIZE, device=start.device).clamp(max=rows - 1)
+    positions = start.unsqueeze(-1) + step * row  # (X, G, n * BLOCK_SIZE)
+    batch = batch.unsqueeze(-1)
+    if padding is not None:
+        padded = padding[batch, positions].view(*positions.shape[:2], -1, BLOCK_SIZE)
+        some, every = padded.any(-1).unsqueeze(-2), padded.all(-1).unsqueeze(-2)
+        touched, full = touched & ~every, full & ~some
+    if documents is not None:
+        rows_of = batch if documents.shape[0] > 1 else torch.zeros_like(batch)
+        doc = documents[rows_of, positions].view(*positions.shape[:2], -1, BLOCK_SIZE)
+        lo, hi = doc.amin(-1), doc.amax(-1)
+        q_lo, q_hi, k_lo, k_hi = (
+            lo[..., :, None],
+            hi[..., :, None],
+            lo[..., None, :],
+            hi[..., None, :],
+        )
+        touched = touched & (q_lo <= k_hi) & (k_lo <= q_hi)
+        full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    return dense_block_indices(touched, full)
+
+
+@functools.cache
+def _compiled_blocks() -> Any:
+    """:func:`_visible_blocks` compiled once for all shapes: some 40 small ops in a few
+    kernels, so a call's block mask costs one launch's host time, not forty."""
+    return torch.compile(_visible_blocks, dynamic=True)
 
 
 def _call_block_mask(
     geo: Geometry, vis: Visibility, is_causal: bool, mask_mod: _mask_mod_signature | None
 ) -> BlockMask:
-    """The block mask of one call: the causal triangle, less the key blocks that are all
-    padding and the block pairs that share no document; full where no key is padding and
-    both blocks lie in one document."""
+    """The block mask of one call (:func:`_visible_blocks`; cached without visibility)."""
     if vis.key_padding_mask is None and vis.document_ids is None:
         return _segment_block_mask(geo.rows, is_causal, geo.start.device)
-    n = cdiv(geo.rows, BLOCK_SIZE)
-    touched, full = _triangle(n, is_causal, geo.start.device)
-    if vis.key_padding_mask is not None or vis.document_ids is not None:
-        positions = geo.start.unsqueeze(-1) + geo.step * torch.arange(
-            geo.rows, device=geo.start.device
-        )  # (X, G, M)
-        batch = geo.batch.unsqueeze(-1)
-        if vis.key_padding_mask is not None:
-            padded = vis.key_padding_mask[batch, positions].to(torch.int8)
-            some, every = (x.bool().unsqueeze(-2) for x in _block_stats(padded, geo.rows))
-            touched, full = touched & ~every, full & ~some
-        if vis.document_ids is not None:
-            docs = vis.document_ids
-            doc = docs[batch if docs.shape[0] > 1 else torch.zeros_like(batch), positions]
-            lo, hi = _block_stats(doc, geo.rows)
-            q_lo, q_hi, k_lo, k_hi = (
-                lo[..., :, None],
-                hi[..., :, None],
-                lo[..., None, :],
-                hi[..., None, :],
-            )
-            touched = touched & (q_lo <= k_hi) & (k_lo <= q_hi)
-            full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
-    return block_mask_from_dense(
-        touched,
-        full,
-        seq_lengths=(geo.rows, geo.rows),
-        block_size=BLOCK_SIZE,
-        mask_mod=mask_mod,
+    touched, full = _triangle(cdiv(geo.rows, BLOCK_SIZE), is_causal, geo.start.device)
+    build = _compiled_blocks() if geo.start.is_cuda else _visible_blocks
+    indices = build(geo.start, geo.batch, touched, full, geo.step, geo.rows, *vis)
+    return block_mask_from_indices(
+        indices, seq_lengths=(geo.rows, geo.rows), block_size=BLOCK_SIZE, mask_mod=mask_mod
     )
 
 
