@@ -419,7 +419,8 @@ class _FlexStrided(torch.autograd.Function):
         *buffers: Tensor,
     ) -> tuple[Tensor, Tensor]:
         plan, is_causal, scale, mods, vis = options
-        keep = any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:])
+        # off CUDA flex has no backward: the dispatcher refuses q, k, v that need one
+        keep = query.is_cuda and (any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:]))
         out, lse, calls = _forward(
             query, key, value, plan, is_causal, scale, mods, vis, buffers, keep
         )
