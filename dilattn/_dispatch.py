@@ -61,6 +61,7 @@ def _why_not(
     extras: tuple[str, ...],
     dropout_p: float,
     q_offset: int,
+    table_mod: bool,
     auto: bool,
 ) -> str | None:
     """Why ``engine`` cannot run this call, or None."""
@@ -91,6 +92,11 @@ def _why_not(
         return "inside torch.compile (it keeps per-call autograd graphs, which dynamo cannot trace)"
     if query.dtype == torch.float64:
         return "it takes float16, bfloat16 and float32"
+    if table_mod:
+        return (
+            "the score_mod captures a tensor (a table, such as T5's): torch 2.11's kernel "
+            "for it on strided views needs more shared memory than a Hopper SM has"
+        )
     return _flex_strided.supports(query, key, value, q_offset)
 
 
@@ -104,9 +110,11 @@ def dispatch(
     extras: tuple[str, ...] = (),
     dropout_p: float = 0.0,
     q_offset: int = 0,
+    table_mod: bool = False,
 ) -> Dispatch:
     """The first engine allowed by ``backend`` that can run the call; ``extras`` names the
-    options in use that only some engines take (padding, documents, score_mod, ...).
+    options in use that only some engines take (padding, documents, score_mod, ...);
+    ``table_mod``: the score_mod captures a tensor.
     Raises ``ValueError`` with every engine's reason when none can."""
     if backend not in _ALLOWED:
         raise ValueError(f"backend must be 'auto', 'strided', 'flex' or 'math', got {backend!r}")
@@ -123,6 +131,7 @@ def dispatch(
             extras=extras,
             dropout_p=dropout_p,
             q_offset=q_offset,
+            table_mod=table_mod,
             auto=backend == "auto",
         )
         if why is None and engine == "math" and head_offsets == "split":

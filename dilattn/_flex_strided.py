@@ -45,7 +45,7 @@ from dilattn import _strided
 from dilattn._blocks import block_mask_from_indices, cdiv, dense_block_indices
 from dilattn._branch import BLOCK_SIZE, PositionMods, _strict_recompile_limit
 
-__all__ = ["Visibility", "flex_strided_attention", "supports"]
+__all__ = ["Visibility", "captures_tensors", "flex_strided_attention", "supports"]
 
 # Rows of one flex call (its output and lse are temporaries): no limit, every call of a
 # branch in one launch, as host time per launch is what short sequences pay for
@@ -75,7 +75,8 @@ def _attend(
     scale: float,
     score_mod: _score_mod_signature | None,
 ) -> tuple[Tensor, Tensor]:
-    """One flex call with lse: compiled on CUDA (never its eager fallback), eager on CPU."""
+    """One flex call with lse: compiled on CUDA (never its eager fallback: call it under
+    :func:`_strict_recompile_limit`), eager on CPU."""
     options: dict[str, Any] = {
         "score_mod": score_mod,
         "block_mask": block_mask,
@@ -87,8 +88,7 @@ def _attend(
         out, aux = flex_attention(q, k, v, **options)
         return out, aux.lse
     try:
-        with _strict_recompile_limit(RECOMPILE_LIMIT):
-            out, aux = _compiled_flex()(q, k, v, **options)
+        out, aux = _compiled_flex()(q, k, v, **options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
             f"dilattn: the flex engine met more than {RECOMPILE_LIMIT} kernel variants (view "
@@ -157,22 +157,21 @@ def _geometry(spec: _strided.Spec, index: _strided.Layout, device: torch.device)
     return Geometry(batch, head, start, sm // strides[2], M)
 
 
-def _closure_tensors(fn: object, seen: set[int] | None = None) -> Iterator[Tensor]:
-    """Tensors that require grad in ``fn``'s closure (and in functions it closes over): the
-    learnable tables of score mods such as :class:`dilattn.T5RelativeBias`."""
+def captures_tensors(fn: object, seen: set[int] | None = None) -> bool:
+    """Whether ``fn``'s closure (or that of a function it closes over) holds a tensor, such
+    as the table of :class:`dilattn.T5RelativeBias`."""
     seen = set() if seen is None else seen
     if id(fn) in seen:
-        return
+        return False
     seen.add(id(fn))
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if isinstance(value, Tensor) and value.requires_grad:
-            yield value
-        elif callable(value):
-            yield from _closure_tensors(value, seen)
+        if isinstance(value, Tensor) or (callable(value) and captures_tensors(value, seen)):
+            return True
+    return False
 
 
 def _causal(x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> Tensor:
@@ -299,7 +298,7 @@ class _Call(NamedTuple):
 
     specs: tuple[_strided.Spec, ...]  # views of q, k, v, out, lse
     writes: tuple[bool, bool]  # first to write its rows of dq / of dk and dv
-    inputs: tuple[Tensor, ...]  # the views flex read (leaves of its graph), and the buffers
+    inputs: tuple[Tensor, Tensor, Tensor]  # the views flex read (leaves of its graph)
     outputs: tuple[Tensor, Tensor]  # its out and lse
 
 
@@ -328,7 +327,6 @@ def _forward(
     scale: float,
     mods: PositionMods,
     vis: Visibility,
-    buffers: tuple[Tensor, ...],
     keep: bool,
 ) -> tuple[Tensor, Tensor, list[_Call]]:
     """Every call, merged into ``(out, lse)``; with ``keep``, the calls' graphs for the
@@ -340,21 +338,20 @@ def _forward(
         lse.fill_(-torch.inf)
     kept = []
     source = tuple(x.detach() for x in (query, key, value))
-    for call, specs, geo in _calls(query, key, value, out, lse, plan):
-        mask_mod, score_mod = _view_mods(geo, mods, is_causal)
-        block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
-        q, k, v = (_strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
-        with torch.enable_grad() if keep else torch.no_grad():
+    with _strict_recompile_limit(RECOMPILE_LIMIT):  # set once: a setting costs host time
+        for call, specs, geo in _calls(query, key, value, out, lse, plan):
+            mask_mod, score_mod = _view_mods(geo, mods, is_causal)
+            block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
+            q, k, v = (_strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
+            with torch.enable_grad() if keep else torch.no_grad():
+                if keep:
+                    q, k, v = (x.requires_grad_() for x in (q, k, v))
+                o, l = _attend(q, k, v, block_mask, scale, score_mod)
+            acc, acc_lse = (_strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
+            _strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
             if keep:
-                q, k, v = (x.requires_grad_() for x in (q, k, v))
-            o, l = _attend(q, k, v, block_mask, scale, score_mod)
-        acc, acc_lse = (
-            _strided._at(x, spec) for x, spec in zip((out, lse), specs[3:], strict=True)
-        )
-        _strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
-        if keep:
-            kv_writes = call.writes_kv
-            kept.append(_Call(specs, (call.writes, kv_writes), (q, k, v, *buffers), (o, l)))
+                writes = (call.writes, call.writes_kv)
+                kept.append(_Call(specs, writes, (q, k, v), (o, l)))
     return out, lse, kept
 
 
@@ -368,13 +365,11 @@ def _backward(
     out: Tensor,
     lse: Tensor,
     zero_fill: bool,
-    buffers: tuple[Tensor, ...],
-) -> tuple[Tensor | None, ...]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Each call's flex backward with the gradients that sum to the merged result's."""
     writes_kv = bool(calls) and calls[0].writes[1]
     dq = (torch.zeros_like if zero_fill else torch.empty_like)(query)
     dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
-    d_buffers: list[Tensor | None] = [None] * len(buffers)
     for call in calls:
         o, l = call.outputs
         spec_o, spec_l = call.specs[3], call.specs[4]
@@ -385,20 +380,13 @@ def _backward(
         if grad_lse is not None:
             d_lse = d_lse + _strided._at(grad_lse, spec_l)
         grads = torch.autograd.grad(
-            (o, l),
-            call.inputs,
-            ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse),
-            allow_unused=True,
+            (o, l), call.inputs, ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse)
         )
         targets = (dq, dk, dv)
         writes = (call.writes[0], call.writes[1], call.writes[1])
         for target, spec, piece, write in zip(targets, call.specs, grads, writes, strict=False):
             _strided._add_rows(_strided._at(target, spec), piece, write)
-        for i, piece in enumerate(grads[3:]):
-            if piece is not None:
-                before = d_buffers[i]
-                d_buffers[i] = piece if before is None else before + piece
-    return (dq, dk, dv, *d_buffers)
+    return dq, dk, dv
 
 
 def _like(x: Tensor, grad: Tensor | None) -> Tensor:
@@ -416,15 +404,12 @@ class _FlexStrided(torch.autograd.Function):
         key: Tensor,
         value: Tensor,
         options: tuple[Any, ...],
-        *buffers: Tensor,
     ) -> tuple[Tensor, Tensor]:
         plan, is_causal, scale, mods, vis = options
         # off CUDA flex has no backward: the dispatcher refuses q, k, v that need one
-        keep = query.is_cuda and (any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:]))
-        out, lse, calls = _forward(
-            query, key, value, plan, is_causal, scale, mods, vis, buffers, keep
-        )
-        ctx.calls, ctx.zero_fill, ctx.buffers = calls, plan.zero_fill, buffers
+        keep = query.is_cuda and any(ctx.needs_input_grad[:3])
+        out, lse, calls = _forward(query, key, value, plan, is_causal, scale, mods, vis, keep)
+        ctx.calls, ctx.zero_fill = calls, plan.zero_fill
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -435,11 +420,9 @@ class _FlexStrided(torch.autograd.Function):
         # the calls' views are specs of the output's layout: give the gradients that layout
         grad_out = _like(out, grad_out)
         grad_lse = None if grad_lse is None else _like(lse, grad_lse)
-        grads = _backward(
-            ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.zero_fill, ctx.buffers
-        )
+        grads = _backward(ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.zero_fill)
         ctx.calls = []
-        return (*grads[:3], None, *grads[3:])
+        return (*grads, None)
 
 
 def flex_strided_attention(
@@ -458,7 +441,6 @@ def flex_strided_attention(
     (float32); ``mods`` over positions, ``visibility`` the tensors behind ``mods.mask_mod``."""
     B, H, S = query.shape[:3]
     plan = _strided.plan(branches, offsets, H // key.shape[1], S, B, CALL_ROWS)
-    buffers = tuple(_closure_tensors(mods.score_mod)) if mods.score_mod is not None else ()
     options = (plan, is_causal, scale, mods, visibility)
-    out, lse = _FlexStrided.apply(query, key, value, options, *buffers)  # type: ignore[no-untyped-call]
+    out, lse = _FlexStrided.apply(query, key, value, options)  # type: ignore[no-untyped-call]
     return out, lse

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
@@ -12,7 +13,7 @@ from dilattn import _strided
 from dilattn._branch import Backend, PositionMods, branch_attention
 from dilattn._checks import default_scale, number_in
 from dilattn._dispatch import BackendName, Dispatch, dispatch
-from dilattn._flex_strided import Visibility, flex_strided_attention
+from dilattn._flex_strided import Visibility, captures_tensors, flex_strided_attention
 from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn._window import sliding_window, window_attention
 from dilattn.config import DilatedConfig, HeadOffsets
@@ -252,6 +253,7 @@ def _prepare(
         extras=tuple(name for name, on in used.items() if on),
         dropout_p=dropout_p,
         q_offset=q_offset,
+        table_mod=not torch.compiler.is_compiling() and captures_tensors(score_mod),
     )
     return _Call(config, q_offset, padding, documents, dropout_p, chosen)
 

@@ -12,6 +12,7 @@ import torch
 from conftest import Case, assert_within_budget, module_reference, requires_cuda, run_ranks
 from torch.nn.attention.flex_attention import flex_attention
 
+import dilattn
 from dilattn import (
     DilatedConfig,
     MultiheadDilatedAttention,
@@ -382,4 +383,49 @@ def test_local_forward_and_backward(case: Case, kind: str) -> None:
     truths = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
     baselines = torch.autograd.grad(baseline, (qb, kb, vb), grad)
     for g, b, t in zip(grads, baselines, truths, strict=True):
+        assert_within_budget(g, b, t, factor=4.0)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("document_ids",),
+        ("key_padding_mask",),
+        ("alibi",),
+        ("document_ids", "key_padding_mask", "alibi"),
+    ],
+    ids="+".join,
+)
+def test_flex_engine_on_strided_views_forward_and_backward(options, is_causal) -> None:
+    """The flex engine (strided views, block masks from documents and padding, mods on
+    positions): GQA, (B, S, H, D) queries, w % r != 0, odd length, gradients through the
+    output (non-contiguous) and the lse, against float64."""
+    torch.manual_seed(0)
+    B, H, H_kv, S, D = 2, 6, 2, 1537, 64
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    extras: dict[str, object] = {
+        name: value for name, value in _varlen(B, S, seed=4).items() if name in options
+    }
+    if "alibi" in options:
+        extras["score_mod"] = alibi_score_mod(H)
+    args = ((256, 700, 1024), (1, 3, 6))
+    kwargs = {"is_causal": is_causal, "enable_gqa": True, "return_lse": True, **extras}
+    assert dilattn.explain(q, k, v, *args, **kwargs).engine == "flex_strided"
+    out, lse = dilated_attention(q, k, v, *args, **kwargs)
+    truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
+    base, base_lse = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
+    assert_within_budget(out, base, truth)
+    grad = torch.randn(B, S, H, D, device="cuda").transpose(1, 2)
+    covered = truth_lse.isfinite()
+    grad_lse = torch.randn_like(lse)
+    loss = lambda o, l: (o * grad.to(o.dtype)).sum() + (l.where(covered, 0) * grad_lse).sum()
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    truths = torch.autograd.grad(loss(truth, truth_lse), (q64, k64, v64))
+    bases = torch.autograd.grad(loss(base, base_lse), (qb, kb, vb))
+    for g, b, t in zip(grads, bases, truths, strict=True):
         assert_within_budget(g, b, t, factor=4.0)
