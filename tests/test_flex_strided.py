@@ -1,0 +1,152 @@
+"""The flex engine on strided views (CPU: eager FlexAttention, forward), its block masks and
+the dispatcher that picks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Case, _dense, assert_within_budget, cases, extras
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dilattn
+from dilattn import _flex_strided, _strided
+from dilattn._branch import PositionMods
+from dilattn._varlen import visibility_mask_mod
+from dilattn.reference import dilated_attention_reference
+
+
+def _inputs(case: Case, dtype: torch.dtype, bshd: bool) -> list[torch.Tensor]:
+    """Fresh q, k, v in ``dtype``; with ``bshd``, views of ``(B, S, H, D)`` memory."""
+    _, low = case.inputs(dtype)
+    return [x.transpose(1, 2).contiguous().transpose(1, 2) if bshd else x for x in low]
+
+
+@settings(max_examples=30)
+@given(
+    data=st.data(),
+    case=cases(max_len=300, same_lengths=True, max_segment=300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bshd=st.booleans(),
+)
+def test_forward_matches_reference(data, case: Case, dtype: torch.dtype, bshd: bool) -> None:
+    """Odd lengths past one 128-row block, ``w % r != 0``, GQA, batch rows, padding,
+    documents, score mods that read every index (so a wrong batch row, head or position
+    shows), queries laid out as SDPA's or as ``(B, S, H, D)`` memory."""
+    kw = data.draw(extras(case, q_offset=False)).kwargs(case)
+    q, k, v = _inputs(case, dtype, bshd)
+    args = (case.segment_lengths, case.dilation_rates)
+    kwargs = {**case.kwargs, **kw, "backend": "flex", "return_lse": True}
+    engine = dilattn.explain(q, k, v, *args, **kwargs).engine
+    assert engine == ("flex_gather" if kw.get("score_mod") and "t5" in str(kw) else "flex_strided")
+    out, lse = dilattn.dilated_attention(q, k, v, *args, **kwargs)
+    reference = {**case.kwargs, **kw, "return_lse": True}
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **reference)
+    base, base_lse = dilated_attention_reference(q, k, v, *args, **reference)
+    assert_within_budget(out, base, truth)
+    assert_within_budget(lse.to(torch.float32), base_lse.float(), truth_lse)
+
+
+def _view_mask(mask_mod, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``mask_mod`` on every index of a ``(X, G, M)`` view: ``(X, G, M, M)``."""
+    X, G, M = shape
+    x, g, m, n = (
+        torch.arange(size).view([-1 if d == dim else 1 for d in range(4)])
+        for dim, size in enumerate((X, G, M, M))
+    )
+    return mask_mod(x, g, m, n).expand(X, G, M, M)
+
+
+def _check_sound(bm, visible: torch.Tensor) -> None:
+    """Per view row and head: listed blocks cover every visible entry, full blocks hold no
+    masked one, and the query-side lists are the transpose."""
+    X, G, M, _ = visible.shape
+    n = -(-M // 128)
+    padded = torch.zeros(X, G, n * 128, n * 128, dtype=torch.bool)
+    real = padded.clone()
+    padded[..., :M, :M], real[..., :M, :M] = visible, True
+    blocks = padded.view(X, G, n, 128, n, 128)
+    any_visible = blocks.any(5).any(3)
+    all_visible = (blocks | ~real.view(X, G, n, 128, n, 128)).all(5).all(3)
+    partial = _dense(bm.kv_num_blocks, bm.kv_indices, n).expand(X, G, n, n)
+    full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, n).expand(X, G, n, n)
+    assert not (partial & full).any()
+    assert not (any_visible & ~(partial | full)).any(), "a visible entry lies in a skipped block"
+    assert not (full & ~all_visible).any(), "a block marked full has masked entries"
+    q_partial = _dense(bm.q_num_blocks, bm.q_indices, n).expand(X, G, n, n)
+    q_full = _dense(bm.full_q_num_blocks, bm.full_q_indices, n).expand(X, G, n, n)
+    assert torch.equal(q_partial, partial.transpose(-1, -2))
+    assert torch.equal(q_full, full.transpose(-1, -2))
+
+
+@settings(max_examples=25)
+@given(
+    data=st.data(),
+    segments=st.lists(st.integers(100, 700), min_size=1, max_size=3),
+    rates=st.lists(st.integers(1, 4), min_size=3, max_size=3),
+    seq_len=st.integers(200, 900),
+    batch=st.integers(1, 2),
+    is_causal=st.booleans(),
+)
+def test_block_masks_are_sound_and_fill_whole_documents(
+    data, segments, rates, seq_len, batch, is_causal
+) -> None:
+    """Each call's block mask lists every block with a visible entry, marks full only
+    blocks with none masked, and, where no padding or document boundary falls, is exactly
+    the (causal) triangle: full blocks stay full."""
+    H = 4
+    branches = tuple(zip(segments, rates, strict=False))
+    offsets = tuple(tuple(h % r for h in range(H)) for _, r in branches)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    pad_share, boundary = (
+        data.draw(st.sampled_from([0.0, 0.01, 0.5])),
+        data.draw(st.sampled_from([0.0, 0.003, 0.05])),
+    )
+    padding = torch.rand(batch, seq_len, generator=gen) < pad_share
+    documents = (torch.rand(batch, seq_len, generator=gen) < boundary).cumsum(-1)
+    vis = _flex_strided.Visibility(padding, documents)
+    mods = PositionMods(visibility_mask_mod(padding, documents))
+    q = torch.empty(batch, H, seq_len, 8)
+    plan = _strided.plan(branches, offsets, 1, seq_len, batch, _flex_strided.CALL_ROWS)
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    for _, specs, geo in _flex_strided._calls(q, q, q, out, lse, plan):
+        mask_mod, _ = _flex_strided._view_mods(geo, mods, is_causal)
+        bm = _flex_strided._call_block_mask(geo, vis, is_causal, mask_mod)
+        visible = _view_mask(mask_mod, specs[0][0][:3])
+        _check_sound(bm, visible)
+        if not (padding.any() or documents.any()):  # nothing to cut: the plain triangle
+            plain = _flex_strided._segment_block_mask(geo.rows, is_causal, torch.device("cpu"))
+            for ours, theirs in (
+                (bm.full_kv_num_blocks, plain.full_kv_num_blocks),
+                (bm.kv_num_blocks, plain.kv_num_blocks),
+            ):
+                assert torch.equal(ours, theirs.expand_as(ours))
+
+
+def test_explain_names_the_engine_and_every_refusal() -> None:
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    docs = torch.zeros(1, 64, dtype=torch.long)
+    auto = dilattn.explain(q, k, v, [16], [1], document_ids=docs)
+    assert auto.engine == "math"  # off CUDA
+    assert [name for name, _ in auto.refused] == ["strided", "flex_strided", "flex_gather"]
+    assert all("off CUDA" in why for _, why in auto.refused)
+    flex = dilattn.explain(q, k, v, [16], [1], document_ids=docs, backend="flex")
+    assert flex.engine == "flex_strided" and flex.refused == ()
+    decoding = dilattn.explain(q[:, :, :1], k, v, [16], [1], q_offset=63, backend="flex")
+    assert decoding.engine == "flex_gather"
+    assert "S_q == S_kv and q_offset == 0" in dict(decoding.refused)["flex_strided"]
+    t5 = dilattn.T5RelativeBias(2)
+    table = dilattn.explain(q, k, v, [16], [1], score_mod=t5.score_mod, backend="flex")
+    assert table.engine == "flex_gather" and "table" in str(table)
+    with pytest.raises(ValueError, match="strided: it does not take document_ids"):
+        dilattn.dilated_attention(q, k, v, [16], [1], document_ids=docs, backend="strided")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        dilattn.explain(q, k, v, [16], [1], documents=docs)
+
+
+def test_captures_tensors_finds_tables_inside_closures() -> None:
+    t5 = dilattn.T5RelativeBias(4)
+    assert _flex_strided.captures_tensors(t5.score_mod)
+    assert not _flex_strided.captures_tensors(dilattn.alibi_score_mod(4))
+    assert not _flex_strided.captures_tensors(None)
