@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import dilattn
-from dilattn import _branch
+from dilattn.engines import gather
 
 OUT = os.environ.get("OUT", "/tmp")
 PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
@@ -76,8 +76,8 @@ def local(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def static_against_dynamic() -> None:
     for policy in ("static", "dynamic"):
         if policy == "dynamic":
-            _branch.STATIC_SHAPES = 0
-            _branch._static_shapes = _branch._StaticShapes()
+            gather.STATIC_SHAPES = 0
+            gather._static_shapes = gather._StaticShapes()
             step(local, qkv(3 * 4096, 8, True), True)()  # the dynamic kernel's first shape
         for backward in (False, True):
             for S in (1 << 16, 1 << 18):

@@ -16,13 +16,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dilattn
-from dilattn import _strided
+from dilattn.engines import strided
 
 aten = torch.ops.aten
 OUT = os.environ.get("OUT", "/tmp")
 PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 res: dict[str, object] = {}
-cudnn_sdpa = _strided._sdpa
+cudnn_sdpa = strided._sdpa
 
 
 def timeit(fn, n=20, warm=5):
@@ -65,14 +65,14 @@ def use_flash(on):
     """Run each call with the flash kernel instead of cuDNN (or back)."""
 
     def sdpa(q, k, v, is_causal, scale):
-        if _strided._cudnn(q):
+        if strided._cudnn(q):
             out, lse, *_ = aten._scaled_dot_product_flash_attention(
                 q, k, v, 0.0, is_causal, False, scale=scale
             )
             return out, lse
         return cudnn_sdpa(q, k, v, is_causal, scale)
 
-    _strided._sdpa = sdpa if on else cudnn_sdpa
+    strided._sdpa = sdpa if on else cudnn_sdpa
 
 
 def qkv(S, H=12, D=64, layout="bhsd"):

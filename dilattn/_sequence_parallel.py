@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from dilattn._blocks import cdiv
-from dilattn._branch import Backend, _gather, attend_compact, layout, merge_rows
 from dilattn.config import DilatedConfig
+from dilattn.engines.blocks import cdiv
+from dilattn.engines.gather import Backend, _gather, attend_compact, layout, merge_rows
 from dilattn.functional import dilated_attention
 from dilattn.merge import merge_by_lse
 

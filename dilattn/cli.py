@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 import dilattn
-from dilattn._branch import RECOMPILE_LIMIT
 from dilattn.config import DilatedConfig
+from dilattn.engines.gather import RECOMPILE_LIMIT
 from dilattn.reference import dilated_attention_reference, multiplicity
 
 __all__ = ["main"]

@@ -33,9 +33,9 @@ import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from dilattn import _sequence_parallel as sp
-from dilattn._blocks import cdiv
 from dilattn._checks import Shapes, check_attention_inputs, default_scale
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.engines.blocks import cdiv
 from dilattn.functional import resolve_backend
 
 __all__ = [

@@ -9,14 +9,13 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn import _strided
-from dilattn._branch import Backend, PositionMods, branch_attention
 from dilattn._checks import default_scale, number_in
-from dilattn._dispatch import BackendName, Dispatch, dispatch
-from dilattn._flex_strided import Visibility, captures_tensors, flex_strided_attention
 from dilattn._varlen import check_call, visibility_mask_mod
-from dilattn._window import sliding_window, window_attention
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.engines import BackendName, Dispatch, dispatch, strided
+from dilattn.engines.flex_strided import Visibility, captures_tensors, flex_strided_attention
+from dilattn.engines.gather import Backend, PositionMods, branch_attention
+from dilattn.engines.window import sliding_window, window_attention
 from dilattn.merge import merge_by_lse
 
 __all__ = ["BackendName", "dilated_attention", "explain", "resolve_backend"]
@@ -144,7 +143,7 @@ def dilated_attention(
     scale = default_scale(scale, query.shape[-1])
     offsets = config.offsets(query.shape[1])
     if engine == "strided":
-        out, lse = _strided.strided_attention(
+        out, lse = strided.strided_attention(
             query, key, value, config.branches, offsets, is_causal=is_causal, scale=scale
         )
         return (out, lse) if return_lse else out

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._branch import PositionMods
 from dilattn._checks import (
     default_scale,
     non_negative_int,
@@ -39,7 +38,8 @@ from dilattn._checks import (
     positive_int,
 )
 from dilattn._varlen import check_call, visibility_mask_mod
-from dilattn._window import Window, window_attention
+from dilattn.engines.gather import PositionMods
+from dilattn.engines.window import Window, window_attention
 from dilattn.functional import BackendName, resolve_backend
 from dilattn.positions import rotary, xpos, xpos_limit
 

@@ -7,8 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from dilattn import _branch
-from dilattn._branch import RECOMPILE_LIMIT, _compiled_flex, _StaticShapes, _strict_recompile_limit
+from dilattn.engines import gather
+from dilattn.engines.gather import (
+    RECOMPILE_LIMIT,
+    _compiled_flex,
+    _StaticShapes,
+    _strict_recompile_limit,
+)
 
 
 def test_strict_recompile_limit_raises_the_limit_and_restores_it() -> None:
@@ -37,9 +42,9 @@ def test_first_shapes_run_static_until_their_variants_run_out(
 
         return run
 
-    monkeypatch.setattr(_branch, "STATIC_SHAPES", 2)
-    monkeypatch.setattr(_branch, "_static_shapes", _StaticShapes())
-    monkeypatch.setattr(_branch, "_compile_flex", compile_flex)
+    monkeypatch.setattr(gather, "STATIC_SHAPES", 2)
+    monkeypatch.setattr(gather, "_static_shapes", _StaticShapes())
+    monkeypatch.setattr(gather, "_compile_flex", compile_flex)
     x = {n: torch.randn(1, 2, n, 8) for n in (64, 96, 128, 160)}
     for n in (64, 96, 128, 64, 96):
         _compiled_flex(x[n], x[n], x[n], {})
@@ -60,7 +65,7 @@ def test_branch_block_masks_are_built_once_and_kept_clean_of_call_masks() -> Non
     from dilattn import dilated_attention
     from dilattn.reference import dilated_attention_reference
 
-    _branch._cached_block_mask.cache_clear()
+    gather._cached_block_mask.cache_clear()
     q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64) for _ in range(3))
     args = ((64, 128), (1, 2))
     for keep in (torch.rand(2, 300) > 0.3, torch.rand(2, 300) > 0.6, None):
@@ -68,5 +73,5 @@ def test_branch_block_masks_are_built_once_and_kept_clean_of_call_masks() -> Non
         out = dilated_attention(q, k, v, *args, **kw, backend="flex")
         truth = dilated_attention_reference(q, k, v, *args, **kw)
         torch.testing.assert_close(out, truth)
-    info = _branch._cached_block_mask.cache_info()
+    info = gather._cached_block_mask.cache_info()
     assert (info.misses, info.hits) == (4, 2)  # per branch: partial once, full once

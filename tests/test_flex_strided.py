@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dilattn
-from dilattn import _flex_strided, _strided
-from dilattn._branch import PositionMods
 from dilattn._varlen import visibility_mask_mod
+from dilattn.engines import flex_strided, strided
+from dilattn.engines.gather import PositionMods
 from dilattn.reference import dilated_attention_reference
 
 
@@ -105,18 +105,18 @@ def test_block_masks_are_sound_and_fill_whole_documents(
     )
     padding = torch.rand(batch, seq_len, generator=gen) < pad_share
     documents = (torch.rand(batch, seq_len, generator=gen) < boundary).cumsum(-1)
-    vis = _flex_strided.Visibility(padding, documents)
+    vis = flex_strided.Visibility(padding, documents)
     mods = PositionMods(visibility_mask_mod(padding, documents))
     q = torch.empty(batch, H, seq_len, 8)
-    plan = _strided.plan(branches, offsets, 1, seq_len, batch, _flex_strided.CALL_ROWS)
+    plan = strided.plan(branches, offsets, 1, seq_len, batch, flex_strided.CALL_ROWS)
     out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
-    for _, specs, geo in _flex_strided._calls(q, q, q, out, lse, plan):
-        mask_mod, _ = _flex_strided._view_mods(geo, mods, is_causal)
-        bm = _flex_strided._call_block_mask(geo, vis, is_causal, mask_mod)
+    for _, specs, geo in flex_strided._calls(q, q, q, out, lse, plan):
+        mask_mod, _ = flex_strided._view_mods(geo, mods, is_causal)
+        bm = flex_strided._call_block_mask(geo, vis, is_causal, mask_mod)
         visible = _view_mask(mask_mod, specs[0][0][:3])
         _check_sound(bm, visible)
         if not (padding.any() or documents.any()):  # nothing to cut: the plain triangle
-            plain = _flex_strided._segment_block_mask(geo.rows, is_causal, torch.device("cpu"))
+            plain = flex_strided._segment_block_mask(geo.rows, is_causal, torch.device("cpu"))
             for ours, theirs in (
                 (bm.full_kv_num_blocks, plain.full_kv_num_blocks),
                 (bm.kv_num_blocks, plain.kv_num_blocks),
@@ -147,6 +147,6 @@ def test_explain_names_the_engine_and_every_refusal() -> None:
 
 def test_captures_tensors_finds_tables_inside_closures() -> None:
     t5 = dilattn.T5RelativeBias(4)
-    assert _flex_strided.captures_tensors(t5.score_mod)
-    assert not _flex_strided.captures_tensors(dilattn.alibi_score_mod(4))
-    assert not _flex_strided.captures_tensors(None)
+    assert flex_strided.captures_tensors(t5.score_mod)
+    assert not flex_strided.captures_tensors(dilattn.alibi_score_mod(4))
+    assert not flex_strided.captures_tensors(None)

@@ -8,10 +8,10 @@ from conftest import LOW_DTYPES, Case, assert_within_budget, cases, extras
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dilattn._branch
+import dilattn.engines.gather
 from dilattn import dilated_attention
-from dilattn._branch import PositionMods, branch_attention, layout
 from dilattn._varlen import visibility_mask_mod
+from dilattn.engines.gather import PositionMods, branch_attention, layout
 from dilattn.reference import dilated_attention_reference
 
 
@@ -177,9 +177,9 @@ def test_flex_block_masks_have_no_full_blocks_with_extras(monkeypatch, extra) ->
     so with padding or documents the gathered branch path must mark none full (its mask is
     built once per shape, without them)."""
     seen = []
-    run = dilattn._branch._run_flex
+    run = dilattn.engines.gather._run_flex
     monkeypatch.setattr(
-        dilattn._branch, "_run_flex", lambda *args: seen.append(args[3]) or run(*args)
+        dilattn.engines.gather, "_run_flex", lambda *args: seen.append(args[3]) or run(*args)
     )
     q, k, v = (torch.randn(1, 2, 150, 8) for _ in range(3))
     kwargs = (

@@ -17,12 +17,12 @@ from dilattn import (
     DilatedConfig,
     MultiheadDilatedAttention,
     T5RelativeBias,
-    _branch,
     alibi_score_mod,
     dilated_attention,
     flex_mask,
     local_attention,
 )
+from dilattn.engines import gather
 from dilattn.reference import dilated_attention_reference, local_attention_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -121,8 +121,8 @@ def test_changing_lengths_do_not_fall_back_to_eager() -> None:
 def test_flex_static_then_dynamic_shapes(backward: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first shapes get kernels of their own, later ones the dynamic kernel; each, and
     the static ones again after, matches the reference."""
-    monkeypatch.setattr(_branch, "STATIC_SHAPES", 2)
-    monkeypatch.setattr(_branch, "_static_shapes", _branch._StaticShapes())
+    monkeypatch.setattr(gather, "STATIC_SHAPES", 2)
+    monkeypatch.setattr(gather, "_static_shapes", gather._StaticShapes())
     for S in (4096, 4100, 6144, 5000, 12288, 777, 4096):
         q, k, v = (
             torch.randn(1, 4, S, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)

@@ -14,7 +14,8 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import dilattn
 from dilattn import LocalAttention, dilated_attention, flex_mask, local_attention
-from dilattn._window import Window, window_block_mask
+from dilattn.engines import window
+from dilattn.engines.window import Window, window_block_mask
 from dilattn.reference import (
     dilated_attention_dense,
     dilated_attention_reference,
@@ -385,14 +386,12 @@ def test_module_dropout_and_grad_on_cpu() -> None:
 def test_flex_window_mask_is_built_once_and_kept_clean_of_call_masks() -> None:
     """Eager flex reuses the window's block mask across calls of one shape, padded or not; a
     call's own padding is and-ed into a copy, so the next call's is not mixed with it."""
-    from dilattn import _window
-
-    _window._cached_block_mask.cache_clear()
+    window._cached_block_mask.cache_clear()
     q, k, v = (torch.randn(2, 4, 300, 16, dtype=torch.float64) for _ in range(3))
     for keep in (torch.rand(2, 300) > 0.3, torch.rand(2, 300) > 0.6, None):
         kw = {"is_causal": True, "exact_windowsize": True, "key_padding_mask": keep}
         out = local_attention(q, k, v, 40, **kw, backend="flex")  # type: ignore[arg-type]
         truth = local_attention_reference(q, k, v, 40, **kw)  # type: ignore[arg-type]
         torch.testing.assert_close(out, truth)
-    info = _window._cached_block_mask.cache_info()
+    info = window._cached_block_mask.cache_info()
     assert (info.misses, info.hits) == (2, 1)  # partial once, full once

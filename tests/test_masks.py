@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
 from dilattn import alibi_score_mod, dilated_mask_mod, flex_mask
-from dilattn._blocks import block_mask_from_spans, prefix_spans
+from dilattn.engines.blocks import block_mask_from_spans, prefix_spans
 from dilattn.reference import dilated_attention_reference, multiplicity
 
 

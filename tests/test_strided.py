@@ -14,8 +14,9 @@ from conftest import LOW_DTYPES, Case, assert_within_budget, cases
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dilattn import _strided, dilated_attention
+from dilattn import dilated_attention
 from dilattn.config import DilatedConfig
+from dilattn.engines import strided
 from dilattn.reference import dilated_attention_reference
 
 
@@ -103,8 +104,8 @@ def test_lse_gradient_matches_reference(case: Case, idle: bool) -> None:
 @pytest.mark.parametrize("call_rows", [1, 7])
 def test_small_calls_give_the_same_result(call_rows: int, monkeypatch) -> None:
     """Calls split into chunks of segments (CALL_ROWS) cover the same rows once."""
-    monkeypatch.setattr(_strided, "CALL_ROWS", call_rows)
-    _strided.plan.cache_clear()
+    monkeypatch.setattr(strided, "CALL_ROWS", call_rows)
+    strided.plan.cache_clear()
     try:
         q, k, v = (torch.randn(2, 6, 61, 8, dtype=torch.float64) for _ in range(3))
         for offsets in ("cyclic", "split"):
@@ -113,14 +114,14 @@ def test_small_calls_give_the_same_result(call_rows: int, monkeypatch) -> None:
             truth = dilated_attention_reference(*args, is_causal=True, head_offsets=offsets)
             torch.testing.assert_close(out, truth)
     finally:
-        _strided.plan.cache_clear()
+        strided.plan.cache_clear()
 
 
 def test_plan_covers_every_row_of_every_branch_once() -> None:
     """Each (branch, head, position) a head computes lies in exactly one call."""
     config = DilatedConfig((8, 12, 30), (1, 5, 6))
     H, S = 12, 70
-    calls = _strided.plan(config.branches, config.offsets(H), 1, S, 2).calls
+    calls = strided.plan(config.branches, config.offsets(H), 1, S, 2).calls
     assert len(calls) < sum(len(set(o)) for o in config.offsets(H)) * 2  # slots merge offsets
     seen: dict[tuple[int, int], int] = {}
     for call in calls:

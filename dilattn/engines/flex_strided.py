@@ -1,6 +1,6 @@
 """The flex engine: every call of the strided plan runs FlexAttention on strided views.
 
-The strided path's plan (:func:`dilattn._strided.plan`) splits each branch into calls whose
+The strided path's plan (:func:`dilattn.engines.strided.plan`) splits each branch into calls whose
 rows are strided views of q, k and v (no gather). Here each call is one FlexAttention call
 on those views, with:
 
@@ -41,9 +41,9 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from dilattn import _strided
-from dilattn._blocks import block_mask_from_indices, cdiv, dense_block_indices
-from dilattn._branch import BLOCK_SIZE, PositionMods, _strict_recompile_limit
+from dilattn.engines import strided
+from dilattn.engines.blocks import block_mask_from_indices, cdiv, dense_block_indices
+from dilattn.engines.gather import BLOCK_SIZE, PositionMods, _strict_recompile_limit
 
 __all__ = ["Visibility", "captures_tensors", "flex_strided_attention", "supports"]
 
@@ -93,7 +93,7 @@ def _attend(
         raise RuntimeError(
             f"dilattn: the flex engine met more than {RECOMPILE_LIMIT} kernel variants (view "
             "shapes, dtypes, mods); refusing to fall back to eager flex, which materialises "
-            "every score. Raise dilattn._flex_strided.RECOMPILE_LIMIT if you need more."
+            "every score. Raise dilattn.engines.flex_strided.RECOMPILE_LIMIT if you need more."
         ) from error
     return out, aux.lse
 
@@ -128,7 +128,7 @@ class Geometry(NamedTuple):
     rows: int
 
 
-def _index_layout(query: Tensor) -> _strided.Layout:
+def _index_layout(query: Tensor) -> strided.Layout:
     """A dense ``(B, H, S, 1)`` layout with the dim order of ``query``: folded like the real
     tensors, its element addresses decode back to ``(b, h, s)``."""
     B, H, S = query.shape[:3]
@@ -143,7 +143,7 @@ def _index_layout(query: Tensor) -> _strided.Layout:
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry(spec: _strided.Spec, index: _strided.Layout, device: torch.device) -> Geometry:
+def _geometry(spec: strided.Spec, index: strided.Layout, device: torch.device) -> Geometry:
     """Decode the view ``spec`` of the index layout into batch rows, heads and positions
     (cached: a plan's views repeat every call)."""
     (X, G, M, _), (sx, sg, sm, _), offset = spec
@@ -296,7 +296,7 @@ def _call_block_mask(
 class _Call(NamedTuple):
     """One flex call of the forward, kept for its backward."""
 
-    specs: tuple[_strided.Spec, ...]  # views of q, k, v, out, lse
+    specs: tuple[strided.Spec, ...]  # views of q, k, v, out, lse
     writes: tuple[bool, bool]  # first to write its rows of dq / of dk and dv
     inputs: tuple[Tensor, Tensor, Tensor]  # the views flex read (leaves of its graph)
     outputs: tuple[Tensor, Tensor]  # its out and lse
@@ -308,13 +308,13 @@ def _calls(
     value: Tensor,
     out: Tensor,
     lse: Tensor,
-    plan: _strided.Plan,
-) -> Iterator[tuple[_strided.Call, tuple[_strided.Spec, ...], Geometry]]:
+    plan: strided.Plan,
+) -> Iterator[tuple[strided.Call, tuple[strided.Spec, ...], Geometry]]:
     tensors = (query, key, value, out, lse)
-    layouts = tuple(_strided._layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
+    layouts = tuple(strided._layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
     index = _index_layout(query)
     for call in plan.calls:
-        for specs in _strided._specs(call, (*layouts, index)):
+        for specs in strided._specs(call, (*layouts, index)):
             yield call, specs[:5], _geometry(specs[5], index, query.device)
 
 
@@ -322,7 +322,7 @@ def _forward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    plan: _strided.Plan,
+    plan: strided.Plan,
     is_causal: bool,
     scale: float,
     mods: PositionMods,
@@ -331,7 +331,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, list[_Call]]:
     """Every call, merged into ``(out, lse)``; with ``keep``, the calls' graphs for the
     backward."""
-    out = _strided._new_out(query, value)
+    out = strided._new_out(query, value)
     lse = query.new_empty(query.shape[:3], dtype=torch.float32)
     if plan.zero_fill:
         out.zero_()
@@ -342,13 +342,13 @@ def _forward(
         for call, specs, geo in _calls(query, key, value, out, lse, plan):
             mask_mod, score_mod = _view_mods(geo, mods, is_causal)
             block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
-            q, k, v = (_strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
+            q, k, v = (strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
             with torch.enable_grad() if keep else torch.no_grad():
                 if keep:
                     q, k, v = (x.requires_grad_() for x in (q, k, v))
                 o, l = _attend(q, k, v, block_mask, scale, score_mod)
-            acc, acc_lse = (_strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
-            _strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
+            acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
+            strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
             if keep:
                 writes = (call.writes, call.writes_kv)
                 kept.append(_Call(specs, writes, (q, k, v), (o, l)))
@@ -373,19 +373,19 @@ def _backward(
     for call in calls:
         o, l = call.outputs
         spec_o, spec_l = call.specs[3], call.specs[4]
-        merged_out, merged_lse = _strided._at(out, spec_o), _strided._at(lse, spec_l)
-        g = _strided._at(grad_out, spec_o).float()
+        merged_out, merged_lse = strided._at(out, spec_o), strided._at(lse, spec_l)
+        g = strided._at(grad_out, spec_o).float()
         weight = torch.where(l.isneginf(), 0.0, torch.exp(l - merged_lse))  # (X, G, M)
         d_lse = (g * (o.float() - merged_out.float())).sum(-1)
         if grad_lse is not None:
-            d_lse = d_lse + _strided._at(grad_lse, spec_l)
+            d_lse = d_lse + strided._at(grad_lse, spec_l)
         grads = torch.autograd.grad(
             (o, l), call.inputs, ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse)
         )
         targets = (dq, dk, dv)
         writes = (call.writes[0], call.writes[1], call.writes[1])
         for target, spec, piece, write in zip(targets, call.specs, grads, writes, strict=False):
-            _strided._add_rows(_strided._at(target, spec), piece, write)
+            strided._add_rows(strided._at(target, spec), piece, write)
     return dq, dk, dv
 
 
@@ -440,7 +440,7 @@ def flex_strided_attention(
     """Dilated attention by flex on strided views: ``(B, H, S, Dv)`` and lse ``(B, H, S)``
     (float32); ``mods`` over positions, ``visibility`` the tensors behind ``mods.mask_mod``."""
     B, H, S = query.shape[:3]
-    plan = _strided.plan(branches, offsets, H // key.shape[1], S, B, CALL_ROWS)
+    plan = strided.plan(branches, offsets, H // key.shape[1], S, B, CALL_ROWS)
     options = (plan, is_causal, scale, mods, visibility)
     out, lse = _FlexStrided.apply(query, key, value, options)  # type: ignore[no-untyped-call]
     return out, lse

@@ -31,9 +31,9 @@ from torch.nn.attention.flex_attention import (
     _mask_mod_signature,
 )
 
-from dilattn._blocks import Spans, and_mask_mod, block_mask_from_spans, cdiv
-from dilattn._branch import BLOCK_SIZE, NO_MODS, Backend, PositionMods, _run_flex
 from dilattn._softmax import softmax_with_lse
+from dilattn.engines.blocks import Spans, and_mask_mod, block_mask_from_spans, cdiv
+from dilattn.engines.gather import BLOCK_SIZE, NO_MODS, Backend, PositionMods, _run_flex
 
 
 class Window(NamedTuple):

@@ -37,8 +37,8 @@ from torch.nn.attention.flex_attention import (
     flex_attention,
 )
 
-from dilattn._blocks import and_mask_mod, block_mask_from_spans, cdiv, prefix_spans
 from dilattn._softmax import softmax_with_lse
+from dilattn.engines.blocks import and_mask_mod, block_mask_from_spans, cdiv, prefix_spans
 from dilattn.merge import merge_by_lse
 
 Backend = Literal["flex", "math"]
@@ -391,7 +391,8 @@ def _run_flex(
         raise RuntimeError(
             f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
             "head counts, head dims, mods); refusing to fall back to eager flex, which "
-            "materialises every score. Raise dilattn._branch.RECOMPILE_LIMIT if you need more."
+            "materialises every score. Raise dilattn.engines.gather.RECOMPILE_LIMIT if you need "
+            "more."
         ) from error
     return out, aux.lse
 

@@ -347,7 +347,7 @@ def _scores(q: Tensor, k: Tensor, is_causal: bool, scale: float) -> Tensor:
 def _add_rows(target: Tensor, piece: Tensor, write: bool) -> None:
     """``target += piece`` (``write``: ``=``) on a ``(X, G, M, D)`` view of a gradient."""
     if target.is_cuda:
-        from dilattn._kernels import add_rows_
+        from dilattn.engines.merge_kernels import add_rows_
 
         add_rows_(target, piece, write)
     elif write:
@@ -360,7 +360,7 @@ def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: b
     """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
     one call's ``out``/``lse`` by log-sum-exp, in place (``write``: overwrite)."""
     if acc.is_cuda:
-        from dilattn._kernels import merge_rows_
+        from dilattn.engines.merge_kernels import merge_rows_
 
         merge_rows_(acc, acc_lse, out, lse, write)
     elif write:

@@ -3,13 +3,13 @@
 Engines, fastest first (``auto`` takes the first that accepts the call):
 
 * ``strided``: cuDNN attention on strided views of q/k/v and an in-place Triton merge
-  (:mod:`dilattn._strided`); fp16/bf16 on CUDA, ``S_q == S_kv``, no padding, documents,
+  (:mod:`dilattn.engines.strided`); fp16/bf16 on CUDA, ``S_q == S_kv``, no padding, documents,
   score mods, ``q_offset``, dropout or local window;
 * ``flex_strided``: FlexAttention on the same strided views, with block masks that skip or
   fill whole blocks of documents and padding, mods on absolute positions
-  (:mod:`dilattn._flex_strided`); ``S_q == S_kv`` and ``q_offset == 0``, not inside
+  (:mod:`dilattn.engines.flex_strided`); ``S_q == S_kv`` and ``q_offset == 0``, not inside
   ``torch.compile``;
-* ``flex_gather``: FlexAttention on each branch's gathered rows (:mod:`dilattn._branch`);
+* ``flex_gather``: FlexAttention on each branch's gathered rows (:mod:`dilattn.engines.gather`);
   any lengths and ``q_offset``, and traceable by ``torch.compile``;
 * ``math``: matmul and softmax per gathered segment; any device, dropout, float64.
 
@@ -23,8 +23,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from dilattn import _flex_strided, _strided
 from dilattn.config import HeadOffsets
+from dilattn.engines import flex_strided, strided
 
 __all__ = ["BackendName", "Dispatch", "Engine", "dispatch"]
 
@@ -70,7 +70,7 @@ def _why_not(
     if auto and not query.is_cuda:
         return "off CUDA, auto takes math (eager FlexAttention materialises every score)"
     if engine == "strided":
-        why = _strided.supports(query, key, value)
+        why = strided.supports(query, key, value)
         if why is None and extras:
             why = f"it does not take {', '.join(extras)}"
         return why
@@ -97,7 +97,7 @@ def _why_not(
             "the score_mod captures a tensor (a table, such as T5's): torch 2.11's kernel "
             "for it on strided views needs more shared memory than a Hopper SM has"
         )
-    return _flex_strided.supports(query, key, value, q_offset)
+    return flex_strided.supports(query, key, value, q_offset)
 
 
 def dispatch(
