@@ -22,7 +22,7 @@ def _inputs(case: Case, dtype: torch.dtype, bshd: bool) -> list[torch.Tensor]:
     return [x.transpose(1, 2).contiguous().transpose(1, 2) if bshd else x for x in low]
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(
     data=st.data(),
     case=cases(max_len=300, same_lengths=True, max_segment=300),
