@@ -9,11 +9,11 @@ call (no synchronisation), and the GPU kernels of one forward (torch.profiler).
 
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 import dilattn
@@ -23,18 +23,9 @@ PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 S = int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 17
 
 
-def timeit(fn, n=10, warm=3):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+def timeit(fn) -> float:
+    """CUDA-event median in ms, after warm-up (triton's ``do_bench``)."""
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
 q, k, v = (torch.randn(1, 12, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
