@@ -142,7 +142,12 @@ class MultiheadDilatedAttention(nn.Module):
         rotary_base: ``base`` of rotary and xPos; xpos_scale_base: xPos's ``scale_base``.
         local_window: a local sliding-window branch ``|p - p'| <= local_window`` merged with
             the dilated ones (:func:`dilattn.dilated_attention`).
+        batch_first: must be ``True`` (accepted so that ``nn.MultiheadAttention``'s
+            ``batch_first=True`` call works): inputs are ``(B, S, E)`` only.
         device, dtype: of the parameters.
+
+    From ``nn.MultiheadAttention``: :meth:`from_torch` builds one with its weights, and
+    ``load_state_dict`` also takes its state dict (``in_proj_*`` split into ``q/k/v_proj``).
 
     Equivalent PyTorch code: the projections around
     ``dilattn.reference.dilated_attention_reference``.
@@ -171,10 +176,19 @@ class MultiheadDilatedAttention(nn.Module):
         rotary_base: float = 10000.0,
         xpos_scale_base: float = 512.0,
         local_window: int | None = None,
+        batch_first: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {batch_first!r}")
+        if not batch_first:
+            raise ValueError(
+                "batch_first=False is not supported: MultiheadDilatedAttention takes (B, S, E) "
+                "inputs (batch first) only; transpose (S, B, E) inputs with x.transpose(0, 1)"
+            )
+        self.batch_first = batch_first
         self.embed_dim = positive_int("embed_dim", embed_dim)
         self.num_heads = positive_int("num_heads", num_heads)
         self.num_kv_heads = positive_int(
@@ -228,6 +242,141 @@ class MultiheadDilatedAttention(nn.Module):
             else None
         )
         self.reset_parameters()
+
+    @classmethod
+    def from_torch(
+        cls,
+        mha: nn.MultiheadAttention,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        **kwargs: Any,
+    ) -> MultiheadDilatedAttention:
+        """A module with ``mha``'s weights, to swap it for dilated attention.
+
+        Takes ``embed_dim``, ``num_heads``, ``bias``, ``kdim``, ``vdim``, ``dropout``, the device
+        and the dtype from ``mha`` (passing one of them in ``kwargs`` with another value
+        raises), copies ``in_proj_weight``/``in_proj_bias`` (or ``q/k/v_proj_weight``) into
+        ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` into ``out_proj``, and its training
+        mode. ``kwargs`` go to the constructor; options torch has no weights for
+        (``qk_norm``, ``sub_layernorm``, ``position="t5"``) keep their own initialisation.
+        With ``segment_lengths=[S]``, ``dilation_rates=[1]`` and no such options it computes
+        what ``mha`` does (causal: ``is_causal=True`` here, the causal ``attn_mask`` there).
+
+        The result takes ``(B, S, E)`` inputs whatever ``mha.batch_first`` is. Training with
+        ``mha.dropout > 0`` needs ``backend="math"`` (FlexAttention has no dropout).
+
+        Raises:
+            ValueError: ``mha`` has ``add_bias_kv`` or ``add_zero_attn`` (unsupported), or
+                ``kwargs`` ask for ``num_kv_heads != num_heads`` (GQA: torch has full k/v
+                projections) or another value of an argument taken from ``mha``.
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        if mha.bias_k is not None or mha.bias_v is not None:
+            raise ValueError(
+                "add_bias_kv=True is not supported: MultiheadDilatedAttention has no learned "
+                "key/value bias rows (bias_k, bias_v)"
+            )
+        if mha.add_zero_attn:
+            raise ValueError(
+                "add_zero_attn=True is not supported: MultiheadDilatedAttention adds no zero "
+                "key/value row"
+            )
+        weight = mha.out_proj.weight
+        taken: dict[str, object] = {
+            "embed_dim": mha.embed_dim,
+            "num_heads": mha.num_heads,
+            "num_kv_heads": mha.num_heads,
+            "bias": mha.in_proj_bias is not None,
+            "kdim": mha.kdim,
+            "vdim": mha.vdim,
+            "dropout": mha.dropout,
+            "device": weight.device,
+            "dtype": weight.dtype,
+        }
+        for name, value in taken.items():
+            given = kwargs.pop(name, None)
+            if name == "device" and given is not None:
+                given = torch.device(given)
+            if given is not None and given != value:
+                gqa = " (GQA is unsupported here)" if name == "num_kv_heads" else ""
+                raise ValueError(
+                    f"from_torch takes {name} from mha ({value!r}), got {name}={given!r}{gqa}; "
+                    f"leave {name} out"
+                )
+        module = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            segment_lengths,
+            dilation_rates,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        missing, unexpected = module.load_state_dict(mha.state_dict(), strict=False)
+        own_init = ("q_norm.", "k_norm.", "norm.", "relative_bias.")
+        not_loaded = [key for key in (*missing, *unexpected) if not key.startswith(own_init)]
+        if not_loaded:  # cannot happen for a module built as above
+            raise RuntimeError(f"from_torch could not copy {not_loaded} from mha")
+        module.train(mha.training)
+        return module
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Also load an ``nn.MultiheadAttention`` state dict: its ``in_proj_weight``,
+        ``in_proj_bias`` (``(3E, ...)``, split in three) or ``q/k/v_proj_weight`` become
+        ``q_proj``, ``k_proj``, ``v_proj``; ``out_proj.*`` keys are the same in both."""
+        self._rename_torch_projections(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _rename_torch_projections(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Rewrite ``nn.MultiheadAttention``'s projection keys under ``prefix`` in place to
+        ours; refuse what this module cannot hold."""
+        torch_names = ["in_proj_weight", "in_proj_bias", "bias_k", "bias_v"]
+        torch_names += [f"{name}_proj_weight" for name in "qkv"]
+        found = [prefix + name for name in torch_names if prefix + name in state_dict]
+        if not found:
+            return
+        if prefix + "bias_k" in state_dict or prefix + "bias_v" in state_dict:
+            raise ValueError(
+                "cannot load an nn.MultiheadAttention state dict with bias_k/bias_v: "
+                "add_bias_kv=True is not supported"
+            )
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(
+                "an nn.MultiheadAttention state dict has one key/value head per query head: "
+                f"it needs num_kv_heads == num_heads ({self.num_heads}), got "
+                f"num_kv_heads={self.num_kv_heads} (GQA)"
+            )
+        ours = [prefix + f"{n}_proj.{p}" for n in "qkv" for p in ("weight", "bias")]
+        clash = [key for key in ours if key in state_dict]
+        if clash:
+            raise ValueError(
+                f"the state dict holds both nn.MultiheadAttention keys {found} and {clash}"
+            )
+        for kind in ("weight", "bias"):
+            packed = state_dict.pop(prefix + f"in_proj_{kind}", None)
+            if packed is not None:  # a wrong size surfaces as torch's own size mismatch
+                for name, part in zip("qkv", packed.tensor_split(3), strict=True):
+                    state_dict[prefix + f"{name}_proj.{kind}"] = part
+        for name in "qkv":
+            separate = state_dict.pop(prefix + f"{name}_proj_weight", None)
+            if separate is not None:
+                state_dict[prefix + f"{name}_proj.weight"] = separate
 
     def reset_parameters(self) -> None:
         """MAGNETO's initialisation: xavier-normal projections, gain ``gamma_init`` for value

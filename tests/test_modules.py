@@ -36,17 +36,16 @@ def test_module_passes_extras_through() -> None:
     torch.testing.assert_close(out, dilated_attention_reference(q, k, v, [8, 16], [1, 3], **extras))
 
 
-@pytest.mark.parametrize("backend", ["math", "flex"])
-def test_module_compiles_fullgraph_without_graph_breaks(backend: str) -> None:
-    attn = DilatedAttention([8, 16], [1, 2], is_causal=True, enable_gqa=True, backend=backend)
-    q = torch.randn(1, 4, 29, 8, requires_grad=backend == "math")  # flex: no CPU backward
+def test_module_compiles_fullgraph_without_graph_breaks() -> None:
+    """On CPU (math; compiled flex is refused there, see test_functional)."""
+    attn = DilatedAttention([8, 16], [1, 2], is_causal=True, enable_gqa=True)
+    q = torch.randn(1, 4, 29, 8, requires_grad=True)
     k, v = (torch.randn(1, 2, 29, 8) for _ in range(2))
     compiled = torch.compile(attn, fullgraph=True, backend="eager")  # dynamo only: fast on CPU
     out = compiled(q, k, v)
     torch.testing.assert_close(out, attn(q, k, v))
-    if backend == "math":
-        out.sum().backward()
-        assert q.grad is not None and torch.isfinite(q.grad).all()
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def _copy_torch_weights(ours: MultiheadDilatedAttention, mha: nn.MultiheadAttention) -> None:
@@ -96,6 +95,155 @@ def test_single_dense_branch_is_torch_multihead_attention(options: dict, inputs:
     out, weights = ours(query, key, value, key_padding_mask=padding, is_causal=inputs == "causal")
     assert weights is None
     torch.testing.assert_close(out, expected)
+
+
+def _random_torch_mha(E: int, H: int, **options: object) -> nn.MultiheadAttention:
+    """A float64 ``nn.MultiheadAttention(batch_first=True)`` with fresh random weights and
+    biases (torch initialises biases to 0, which would hide a bias that is not copied)."""
+    mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64, **options)
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_(std=0.3)
+    return mha
+
+
+def _fresh_module(
+    mha: nn.MultiheadAttention, S_kv: int, is_causal: bool
+) -> MultiheadDilatedAttention:
+    """A dense module of ``mha``'s shape with its own (random) weights."""
+    return MultiheadDilatedAttention(
+        mha.embed_dim,
+        mha.num_heads,
+        [S_kv],
+        [1],
+        bias=mha.in_proj_bias is not None,
+        kdim=mha.kdim,
+        vdim=mha.vdim,
+        is_causal=is_causal,
+        dtype=torch.float64,
+    )
+
+
+def _load_into_fresh_module(
+    mha: nn.MultiheadAttention, S_kv: int, is_causal: bool
+) -> MultiheadDilatedAttention:
+    ours = _fresh_module(mha, S_kv, is_causal)
+    ours.load_state_dict(mha.state_dict())
+    return ours
+
+
+def _load_nested(
+    mha: nn.MultiheadAttention, S_kv: int, is_causal: bool
+) -> MultiheadDilatedAttention:
+    """Through a parent module: the state dict keys carry a prefix (``blocks.0.attn.``)."""
+    ours = _fresh_module(mha, S_kv, is_causal)
+    theirs = nn.ModuleDict({"blocks": nn.ModuleList([nn.ModuleDict({"attn": mha})])})
+    parent = nn.ModuleDict({"blocks": nn.ModuleList([nn.ModuleDict({"attn": ours})])})
+    parent.load_state_dict(theirs.state_dict())
+    return ours
+
+
+_LOADERS = {
+    "from_torch": lambda mha, S_kv, is_causal: MultiheadDilatedAttention.from_torch(
+        mha, [S_kv], [1], is_causal=is_causal
+    ),
+    "load_state_dict": _load_into_fresh_module,
+    "nested_load_state_dict": _load_nested,
+}
+
+
+@pytest.mark.parametrize("loader", list(_LOADERS))
+@pytest.mark.parametrize(
+    ("options", "inputs"),
+    [
+        ({}, "self"),
+        ({}, "causal"),
+        ({"bias": False}, "self"),
+        ({"bias": False}, "causal"),
+        ({"kdim": 12, "vdim": 20}, "cross"),
+    ],
+)
+def test_torch_weights_reproduce_torch_multihead_attention(
+    loader: str, options: dict, inputs: str
+) -> None:
+    """``from_torch(mha, [S], [1])`` and ``load_state_dict(mha.state_dict())`` give a dense
+    module that computes ``mha(x, x, x)`` (causal: with torch's causal ``attn_mask``)."""
+    E, H, S = 32, 4, 19
+    S_kv = 23 if inputs == "cross" else S
+    mha = _random_torch_mha(E, H, **options)
+    causal = inputs == "causal"
+    ours = _LOADERS[loader](mha, S_kv, causal)
+    x = torch.randn(3, S, E, dtype=torch.float64)
+    if inputs == "cross":
+        key = torch.randn(3, S_kv, options["kdim"], dtype=torch.float64)
+        value = torch.randn(3, S_kv, options["vdim"], dtype=torch.float64)
+    else:
+        key = value = x
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1) if causal else None
+    expected, _ = mha(x, key, value, attn_mask=mask, is_causal=causal, need_weights=False)
+    out, weights = ours(x, key, value)
+    assert weights is None and out.dtype == torch.float64
+    torch.testing.assert_close(out, expected)
+    again = _fresh_module(mha, S_kv, causal)
+    again.load_state_dict(ours.state_dict())  # our own state dict still loads
+    torch.testing.assert_close(again(x, key, value)[0], expected)
+
+
+def test_from_torch_copies_the_settings_and_keeps_added_layers() -> None:
+    mha = _random_torch_mha(32, 4, dropout=0.25, kdim=12, bias=False).eval()
+    m = MultiheadDilatedAttention.from_torch(
+        mha, [8, 16], [1, 2], qk_norm=True, sub_layernorm=True, position="t5", dtype=torch.float64
+    )
+    assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.kdim, m.vdim) == (32, 4, 4, 12, 32)
+    assert m.dropout == 0.25 and not m.training and m.batch_first
+    assert m.q_proj.bias is None and m.out_proj.bias is None
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    for proj, name in ((m.q_proj, "q"), (m.k_proj, "k"), (m.v_proj, "v")):
+        torch.testing.assert_close(proj.weight, getattr(mha, f"{name}_proj_weight"), rtol=0, atol=0)
+    torch.testing.assert_close(m.out_proj.weight, mha.out_proj.weight, rtol=0, atol=0)
+    assert m.q_norm is not None and torch.equal(m.q_norm.weight, torch.ones_like(m.q_norm.weight))
+
+
+@pytest.mark.parametrize(
+    ("torch_options", "kwargs", "error", "match"),
+    [
+        ({"add_bias_kv": True}, {}, ValueError, "add_bias_kv=True is not supported"),
+        ({"add_zero_attn": True}, {}, ValueError, "add_zero_attn=True is not supported"),
+        ({}, {"num_kv_heads": 2}, ValueError, r"num_kv_heads from mha \(4\).*GQA"),
+        ({"dropout": 0.1}, {"dropout": 0.2}, ValueError, r"dropout from mha \(0.1\)"),
+        ({}, {"dtype": torch.float32}, ValueError, "dtype from mha"),
+        ({}, {"kdim": 8}, ValueError, "kdim from mha"),
+        ({}, {"batch_first": False}, ValueError, r"\(B, S, E\) inputs \(batch first\) only"),
+    ],
+)
+def test_from_torch_refuses_what_it_cannot_copy(
+    torch_options: dict, kwargs: dict, error: type, match: str
+) -> None:
+    mha = _random_torch_mha(16, 4, **torch_options)
+    with pytest.raises(error, match=match):
+        MultiheadDilatedAttention.from_torch(mha, [8], [1], **kwargs)
+
+
+def test_from_torch_needs_a_torch_multihead_attention() -> None:
+    ours = MultiheadDilatedAttention(16, 4, [8], [1])
+    with pytest.raises(TypeError, match=r"mha must be an nn\.MultiheadAttention"):
+        MultiheadDilatedAttention.from_torch(ours, [8], [1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("torch_options", "num_kv_heads", "match"),
+    [
+        ({"add_bias_kv": True}, 4, "add_bias_kv=True is not supported"),
+        ({}, 2, r"needs num_kv_heads == num_heads \(4\), got num_kv_heads=2"),
+    ],
+)
+def test_load_state_dict_refuses_torch_state_it_cannot_hold(
+    torch_options: dict, num_kv_heads: int, match: str
+) -> None:
+    mha = _random_torch_mha(16, 4, **torch_options)
+    ours = MultiheadDilatedAttention(16, 4, [8], [1], num_kv_heads=num_kv_heads)
+    with pytest.raises(ValueError, match=match):
+        ours.load_state_dict(mha.state_dict())
 
 
 _OPTIONS = st.fixed_dictionaries(
@@ -260,6 +408,27 @@ def test_bad_constructor_arguments_raise(kwargs: dict, match: str) -> None:
     args = {"embed_dim": 16, "num_heads": 4, "segment_lengths": [8], "dilation_rates": [1]}
     with pytest.raises(ValueError, match=match):
         MultiheadDilatedAttention(**{**args, **kwargs})
+
+
+def test_batch_first_true_is_accepted() -> None:
+    m = MultiheadDilatedAttention(16, 4, [8], [1], batch_first=True)
+    assert m.batch_first is True
+    x = torch.randn(2, 8, 16)
+    assert m(x, x, x)[0].shape == (2, 8, 16)
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "error", "match"),
+    [
+        (False, ValueError, r"batch_first=False .*takes \(B, S, E\) inputs \(batch first\) only"),
+        (1, TypeError, "batch_first must be a bool, got 1"),
+        ("yes", TypeError, "batch_first must be a bool, got 'yes'"),
+        (None, TypeError, "batch_first must be a bool, got None"),
+    ],
+)
+def test_batch_first_other_than_true_raises(batch_first: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        MultiheadDilatedAttention(16, 4, [8], [1], batch_first=batch_first)  # type: ignore[arg-type]
 
 
 def test_kv_cache_errors() -> None:
