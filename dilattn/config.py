@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from dilattn._checks import positive_int
+from dilattn._checks import positive_int, positive_ints
 
 __all__ = ["DilatedConfig", "HeadOffsets"]
 
@@ -25,27 +23,6 @@ HeadOffsets = Literal["cyclic", "grouped", "split"]
 """
 
 
-def _positive_ints(name: str, values: object) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a sequence of positive integers, got {values!r}")
-    if len(values) == 0:
-        raise ValueError(f"{name} must not be empty")
-    out = []
-    for value in values:
-        if isinstance(value, bool):
-            raise ValueError(f"{name} must hold integers, got {value!r} in {list(values)}")
-        try:
-            number = operator.index(value)
-        except TypeError:
-            raise ValueError(
-                f"{name} must hold integers, got {value!r} in {list(values)}"
-            ) from None
-        if number <= 0:
-            raise ValueError(f"{name} must be positive, got {number} in {list(values)}")
-        out.append(number)
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class DilatedConfig:
     """An immutable list of branches ``(segment_length w, dilation_rate r)``.
@@ -54,7 +31,9 @@ class DilatedConfig:
     position ``p`` takes part for head ``h`` iff ``(p - j*w) % r == offset(h, r)``.
     ``local_window=n`` adds a local branch for every head: the sliding window
     ``|p - p'| <= n`` (``p' <= p`` too when causal). Validation raises ``ValueError`` naming
-    the argument.
+    the argument: ``segment_lengths`` and ``dilation_rates`` must be non-empty sequences of
+    integers in ``(0, 2**62]`` (any iterable but a string; stored as tuples), ``local_window``
+    an integer in ``(0, 2**62]``.
 
     Example::
 
@@ -68,8 +47,8 @@ class DilatedConfig:
     local_window: int | None = None
 
     def __post_init__(self) -> None:
-        segments = _positive_ints("segment_lengths", self.segment_lengths)
-        rates = _positive_ints("dilation_rates", self.dilation_rates)
+        segments = positive_ints("segment_lengths", self.segment_lengths)
+        rates = positive_ints("dilation_rates", self.dilation_rates)
         if len(segments) != len(rates):
             raise ValueError(
                 "segment_lengths and dilation_rates must have the same length, got "

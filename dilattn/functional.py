@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import default_scale, number_in
+from dilattn._checks import check_bool, default_scale, number_in, positive_ints
 from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.engines import BackendName, Dispatch, dispatch, strided
@@ -120,8 +120,14 @@ def dilated_attention(
     Returns:
         ``(B, H, S_q, D_v)`` in the input dtype, and the lse when ``return_lse``.
 
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value (the message names it),
+            e.g. a non-bool ``is_causal``, an empty batch or a head dim of 0; ``ValueError``
+            also when ``backend`` cannot run the call (with every engine's reason).
+
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference``.
     """
+    check_bool("is_causal", is_causal)
     call = _prepare(
         query,
         key,
@@ -221,7 +227,10 @@ def _prepare(
     local_window: int | None,
 ) -> _Call:
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     _, q_offset, padding, documents = check_call(
         query,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._checks import (
+    check_bool,
     default_scale,
     non_negative_int,
     number_in,
@@ -123,6 +124,7 @@ def local_attention(
 
     Equivalent PyTorch code: ``dilattn.reference.local_attention_reference``.
     """
+    check_bool("is_causal", is_causal)
     window = make_window(
         window_size,
         look_backward=look_backward,
@@ -247,6 +249,7 @@ class LocalAttention(nn.Module):
         backend: BackendName = "auto",
     ) -> None:
         super().__init__()
+        check_bool("causal", causal)
         self.window = make_window(
             window_size,
             look_backward=look_backward,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dilattn._checks import number_in, positive_int
+from dilattn._checks import number_in, positive_int, positive_ints
 from dilattn._reversible import Coupling, couple, couple_reversibly
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
@@ -71,7 +71,9 @@ class LongNetConfig:
 
     def __post_init__(self) -> None:
         branches = DilatedConfig(
-            tuple(self.segment_lengths), tuple(self.dilation_rates), self.head_offsets
+            positive_ints("segment_lengths", self.segment_lengths),
+            positive_ints("dilation_rates", self.dilation_rates),
+            self.head_offsets,
         )
         object.__setattr__(self, "segment_lengths", branches.segment_lengths)
         object.__setattr__(self, "dilation_rates", branches.dilation_rates)
@@ -485,7 +487,8 @@ class LongNetLM(nn.Module):
         document_ids: Tensor | None = None,
         kv_caches: Sequence[KVCache] | None = None,
     ) -> Tensor:
-        """Next-token logits ``(B, S, V)`` for ``tokens`` ``(B, S)`` (int64 or int32).
+        """Next-token logits ``(B, S, V)`` for ``tokens`` ``(B, S)`` (int64 or int32, ids in
+        ``[0, V)``: others raise ``ValueError``, checked outside ``torch.compile`` only).
 
         Args:
             key_padding_mask: ``(B, S)`` bool, ``True`` = padding (with caches: every cached
@@ -495,7 +498,7 @@ class LongNetLM(nn.Module):
                 ``tokens`` are the new tokens at positions ``length + [0, S)``, and the logits
                 equal those rows of one forward over the whole sequence.
         """
-        x = self.embedding(_check_tokens("tokens", tokens))  # (B, S, E)
+        x = self.embedding(_check_tokens("tokens", tokens, self.vocab_size))  # (B, S, E)
         x = _run_blocks(
             self.blocks,
             x,
@@ -552,7 +555,7 @@ class LongNetLM(nn.Module):
         temperature = number_in("temperature", temperature, 0.0, float("inf"))
         if top_k is not None and (positive_int("top_k", top_k) > self.vocab_size):
             raise ValueError(f"top_k must be at most vocab_size ({self.vocab_size}), got {top_k}")
-        B, S = _check_tokens("prompt", prompt).shape
+        B, S = _check_tokens("prompt", prompt, self.vocab_size).shape
         caches = self.new_kv_caches(B, S + max_new_tokens - 1)
         logits = self(prompt, kv_caches=caches)[:, -1]  # (B, V)
         tokens = [prompt]
@@ -563,13 +566,25 @@ class LongNetLM(nn.Module):
         return torch.cat(tokens, dim=1)
 
 
-def _check_tokens(name: str, tokens: object) -> Tensor:
-    """``tokens``: an int64/int32 tensor ``(B, S)``, ``S >= 1``."""
+def _check_tokens(name: str, tokens: object, vocab_size: int) -> Tensor:
+    """``tokens``: an int64/int32 tensor ``(B, S)``, ``S >= 1``, of ids in ``[0, vocab_size)``.
+
+    The range check reads the smallest and largest id back to the host: on CUDA that is a
+    synchronisation (there a bad id would otherwise be a device-side assert that ends the
+    process's CUDA context). It is skipped inside ``torch.compile``, where it would break the
+    graph."""
     if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32):
         kind = tokens.dtype if isinstance(tokens, Tensor) else type(tokens).__name__
         raise TypeError(f"{name} must be an int64 or int32 tensor, got {kind}")
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"{name} must have shape (B, S) with S >= 1, got {tuple(tokens.shape)}")
+    if not torch.compiler.is_compiling() and tokens.numel() > 0:
+        low, high = (int(x) for x in tokens.aminmax())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"{name} must hold token ids in [0, {vocab_size}) (vocab_size), got ids in "
+                f"[{low}, {high}]"
+            )
     return tokens
 
 

@@ -41,7 +41,9 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._checks import (
     as_device,
+    check_bool,
     default_scale,
+    positive_ints,
 )
 from dilattn._softmax import softmax_with_lse
 from dilattn._varlen import check_call
@@ -77,6 +79,7 @@ def branch_mask(
     part (``(p % w) % r == offsets[h]``, i.e. counted from the segment start), and, when
     causal, ``p' <= p``.
     """
+    check_bool("is_causal", is_causal)
     w, r = segment_length, dilation_rate
     o = torch.as_tensor(offsets, device=device).view(-1, 1, 1)
     q = torch.arange(q_offset, q_offset + q_len, device=device).view(1, -1, 1)
@@ -107,6 +110,7 @@ def local_mask(
     Bucketed: ``p // W - look_backward <= p' // W <= p // W + look_forward``. Causal: and
     ``p' <= p``. ``look_forward`` defaults to 0 when causal, else 1.
     """
+    check_bool("is_causal", is_causal)
     window = make_window(
         window_size,
         look_backward=look_backward,
@@ -164,8 +168,12 @@ def multiplicity(
 ) -> Tensor:
     """``m(h, p, p')``: in how many branches (the local one included) query ``p`` sees key
     ``p'``; int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
+    check_bool("is_causal", is_causal)
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     kv_len = q_len if kv_len is None else kv_len
     masks = [
@@ -295,8 +303,12 @@ def dilated_attention_reference(
         ``(B, H, S_q, D_v)``: ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``;
         rows that see no key give 0 (and ``L = -inf``).
     """
+    check_bool("is_causal", is_causal)
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     key, value, extras = _prepare(
         query,
@@ -357,6 +369,7 @@ def dilated_attention_dense(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The same function as :func:`dilated_attention_reference`, as ONE softmax over all keys
     with bias ``log m(h, p, p')`` (``-inf`` where ``m = 0``). Arguments and result likewise."""
+    check_bool("is_causal", is_causal)
     key, value, extras = _prepare(
         query,
         key,
@@ -407,6 +420,7 @@ def local_attention_reference(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Local attention by the definition: softmax over the keys of :func:`local_mask`.
     Arguments and result as :func:`dilattn.local_attention`."""
+    check_bool("is_causal", is_causal)
     key, value, extras = _prepare(
         query,
         key,
@@ -450,6 +464,7 @@ def linear_attention_reference(
     ``A = phi(Q) phi(K)^T`` (``phi = elu + 1``), masked (causal: key position
     ``<= q_offset + i``; padding), each row divided by its sum (0 for an empty row), times
     ``V``. Arguments and result as :func:`dilattn.linear_attention`."""
+    check_bool("is_causal", is_causal)
     key, value, extras = _prepare(
         query, key, value, enable_gqa, key_padding_mask, None, None, None, q_offset
     )

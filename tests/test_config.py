@@ -19,6 +19,11 @@ from dilattn import DilatedConfig
         ((8,), ("2",), "integers"),
         ((True,), (1,), "integers"),
         ("8", (1,), "sequence of positive integers"),
+        (None, (1,), "segment_lengths must be a sequence of positive integers, got None"),
+        (8, (1,), "segment_lengths must be a sequence of positive integers, got 8"),
+        ((8,), 1, "dilation_rates must be a sequence of positive integers, got 1"),
+        ((2**70,), (1,), rf"segment_lengths must be at most 2\*\*62, got {2**70} in \[{2**70}\]"),
+        ((2**62 + 1,), (2**63,), r"segment_lengths must be at most 2\*\*62"),
     ],
 )
 def test_invalid_configurations_raise_naming_the_argument(segments, rates, match) -> None:
@@ -26,6 +31,13 @@ def test_invalid_configurations_raise_naming_the_argument(segments, rates, match
         DilatedConfig(segments, rates)
     text = str(error.value)
     assert "segment_lengths" in text or "dilation_rates" in text or "dilation rate" in text
+
+
+def test_largest_integers_are_2_to_the_62() -> None:
+    config = DilatedConfig((2**62,), (2**62,), local_window=2**62)
+    assert config.branches == ((2**62, 2**62),)
+    with pytest.raises(ValueError, match=rf"^local_window must be at most 2\*\*62, got {2**70}$"):
+        DilatedConfig((8,), (1,), local_window=2**70)
 
 
 def test_bad_head_offsets_raise() -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import re
+
 import pytest
 import torch
 from conftest import LOW_DTYPES, Case, assert_within_budget, cases, extras
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dilattn
 import dilattn.engines.gather
 from dilattn import dilated_attention
+from dilattn._checks import check_score_mod
 from dilattn._varlen import visibility_mask_mod
 from dilattn.engines.gather import PositionMods, branch_attention, layout
 from dilattn.reference import dilated_attention_reference
@@ -308,11 +313,152 @@ def _qkv(**shapes: tuple[int, ...]) -> list[torch.Tensor]:
         (_qkv(), {"dropout_p": 1.5}, ValueError, "dropout_p must be in"),
         (_qkv(), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a number"),
         (_qkv(), {"dropout_p": 0.1, "backend": "flex"}, ValueError, "no attention dropout"),
+        (_qkv(), {"is_causal": "False"}, TypeError, "is_causal must be a bool, got 'False'"),
+        (_qkv(), {"is_causal": 1}, TypeError, "is_causal must be a bool, got 1"),
+        (
+            _qkv(q=(0, 2, 8, 4), k=(0, 2, 8, 4), v=(0, 2, 8, 4)),
+            {},
+            ValueError,
+            r"batch size must be positive, got query of shape \(0, 2, 8, 4\)",
+        ),
+        (
+            _qkv(q=(1, 2, 8, 0), k=(1, 2, 8, 0)),
+            {},
+            ValueError,
+            r"head dim must be positive, got query of shape \(1, 2, 8, 0\)",
+        ),
+        (
+            _qkv(q=(1, 0, 8, 4), k=(1, 0, 8, 4), v=(1, 0, 8, 4)),
+            {},
+            ValueError,
+            "head counts must be positive, got query 0 and key/value 0",
+        ),
+        (
+            _qkv(),
+            {"local_window": 2**70},
+            ValueError,
+            rf"local_window must be at most 2\*\*62, got {2**70}",
+        ),
+        (
+            _qkv(),
+            {"q_offset": 2**70},
+            ValueError,
+            rf"q_offset must be at most 2\*\*62, got {2**70}",
+        ),
+        (
+            _qkv(),
+            {"score_mod": lambda score, b: score},
+            TypeError,
+            r"score_mod must take 5 positional arguments \(score, b, h, q_idx, kv_idx\) -> "
+            r"score, got <lambda>\(score, b\)",
+        ),
+        (
+            _qkv(),
+            {"score_mod": lambda score, b, h, q_idx, kv_idx, *, scale: score},
+            TypeError,
+            r"score_mod must take 5 positional arguments .* got <lambda>\(.*\*, scale\)",
+        ),
     ],
 )
 def test_bad_inputs_raise(tensors, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         dilated_attention(*tensors, [4], [1], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("segments", "rates", "match"),
+    [
+        (None, [1], "segment_lengths must be a sequence of positive integers, got None"),
+        (8, [1], "segment_lengths must be a sequence of positive integers, got 8"),
+        ([4], None, "dilation_rates must be a sequence of positive integers, got None"),
+        ([4], 1, "dilation_rates must be a sequence of positive integers, got 1"),
+        ([2**70], [1], rf"segment_lengths must be at most 2\*\*62, got {2**70} in \[{2**70}\]"),
+        ([4], [2**63], r"dilation_rates must be at most 2\*\*62"),
+    ],
+)
+def test_bad_branches_raise_naming_the_argument(segments, rates, match) -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(q, k, v, segments, rates)
+    with pytest.raises(ValueError, match=match):
+        dilattn.explain(q, k, v, segments, rates)
+
+
+def test_branches_may_be_any_iterable_of_integers() -> None:
+    q, k, v = _qkv()
+    expected = dilated_attention(q, k, v, [4, 8], [1, 2])
+    for segments in (torch.tensor([4, 8]), range(4, 12, 4), (w for w in (4, 8))):
+        torch.testing.assert_close(dilated_attention(q, k, v, segments, (1, 2)), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("is_causal", lambda q, causal: dilated_attention(q, q, q, [4], [1], is_causal=causal)),
+        ("is_causal", lambda q, causal: dilattn.local_attention(q, q, q, 4, is_causal=causal)),
+        ("causal", lambda q, causal: dilattn.LocalAttention(4, causal=causal)),
+    ],
+    ids=["dilated_attention", "local_attention", "LocalAttention"],
+)
+@pytest.mark.parametrize("causal", ["False", "True", 0, None, torch.tensor(False)])
+def test_non_bool_is_causal_raises(name, call, causal) -> None:
+    """A string such as ``'False'`` is truthy: taken as a flag it would mean causal."""
+    with pytest.raises(TypeError, match=rf"^{name} must be a bool, got {re.escape(repr(causal))}"):
+        call(_qkv()[0], causal)
+
+
+def test_score_mod_signature_is_read_where_there_is_one() -> None:
+    q, k, v = _qkv()
+    expected = dilated_attention(q, k, v, [4], [1])
+
+    class Identity:
+        def __call__(self, score, b, h, q_idx, kv_idx):
+            return score
+
+    def with_default(score, b, h, q_idx, kv_idx, bias=0.0):
+        return score + bias
+
+    accepted = [
+        Identity(),
+        with_default,
+        lambda *args: args[0],
+        lambda score, *rest: score,
+        functools.partial(lambda bias, score, b, h, q_idx, kv_idx: score + bias, 0.0),
+    ]
+    for score_mod in accepted:
+        torch.testing.assert_close(
+            dilated_attention(q, k, v, [4], [1], score_mod=score_mod), expected
+        )
+    check_score_mod(max)  # a builtin without a readable signature is taken on trust
+
+    class FourArguments:
+        def __call__(self, score, b, h, q_idx):
+            return score
+
+    with pytest.raises(TypeError, match=r"got FourArguments\(score, b, h, q_idx\)$"):
+        dilated_attention(q, k, v, [4], [1], score_mod=FourArguments())
+
+
+def test_compiled_flex_on_cpu_raises_pointing_to_math() -> None:
+    """Inductor cannot compile FlexAttention for CPU here; the dispatcher says so up front."""
+    q, k, v = _qkv()
+
+    def call(q, k, v, backend):
+        return dilated_attention(q, k, v, [4], [1], backend=backend)
+
+    compiled = torch.compile(call, backend="eager")  # dynamo only: fast
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            ValueError,
+            match=r"backend='flex' cannot run this call .*compiled FlexAttention on CPU is not "
+            r"supported .*use backend='math' \(the default on CPU\) under torch\.compile",
+        ),
+    ):
+        compiled(q, k, v, "flex")
+    torch.testing.assert_close(compiled(q, k, v, "math"), call(q, k, v, "math"))
+    with torch.no_grad():
+        assert call(q, k, v, "flex").shape == q.shape  # eager flex on CPU still runs
 
 
 def test_bad_dtypes_raise() -> None:

@@ -475,6 +475,10 @@ def test_base_config_is_the_papers() -> None:
         ({"dropout": 2.0}, r"dropout must be in \[0.0, 1.0\]"),
         ({"segment_lengths": (8, 16)}, "must have the same length"),
         ({"dilation_rates": (16,)}, "at most its segment length"),
+        ({"segment_lengths": None}, "segment_lengths must be a sequence of positive integers"),
+        ({"dilation_rates": 1}, "dilation_rates must be a sequence of positive integers, got 1"),
+        ({"d_model": 2**70}, rf"d_model must be at most 2\*\*62, got {2**70}"),
+        ({"segment_lengths": (2**63,)}, r"segment_lengths must be at most 2\*\*62"),
     ],
 )
 def test_bad_config_raises(kwargs: dict, match: str) -> None:
@@ -492,6 +496,8 @@ def test_bad_model_inputs_raise() -> None:
         model(torch.zeros(1, 4, dtype=torch.long), kv_caches=model.new_kv_caches(1, 8)[:1])
     with pytest.raises(ValueError, match="vocab_size must be a positive integer"):
         LongNetLM(0)
+    with pytest.raises(ValueError, match=r"vocab_size must be at most 2\*\*62"):
+        LongNetLM(2**70, device="meta")
     block = LongNet(LongNetConfig(**TINY, segment_lengths=(8,), dilation_rates=(1,))).decoder[0]
     x = torch.randn(1, 4, 32)
     with pytest.raises(
@@ -500,6 +506,22 @@ def test_bad_model_inputs_raise() -> None:
         block(x)
     with pytest.raises(ValueError, match=r"cross_attention=False\), got \(1, 4, 32\)"):
         model.blocks[0](x, memory=x)
+
+
+@pytest.mark.parametrize(
+    ("ids", "bad"),
+    [([[0, 37, 5]], r"\[0, 37\]"), ([[3, -1]], r"\[-1, 3\]"), ([[40], [-2]], r"\[-2, 40\]")],
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_token_ids_outside_the_vocabulary_raise(ids: list, bad: str, dtype: torch.dtype) -> None:
+    model = _tiny_lm()
+    tokens = torch.tensor(ids, dtype=dtype)
+    expected = rf"^tokens must hold token ids in \[0, 37\) \(vocab_size\), got ids in {bad}$"
+    with pytest.raises(ValueError, match=expected):
+        model(tokens)
+    with pytest.raises(ValueError, match=expected.replace("tokens", "prompt")):
+        model.generate(tokens, 2)
+    assert model(tokens.clamp(0, 36)).shape == (*tokens.shape, 37)  # the edges are fine
 
 
 # GPU (run with `pytest -m gpu` on the device machine).

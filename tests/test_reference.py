@@ -13,7 +13,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dilattn.config import DilatedConfig
-from dilattn.reference import dilated_attention_dense, dilated_attention_reference, multiplicity
+from dilattn.reference import (
+    branch_mask,
+    dilated_attention_dense,
+    dilated_attention_reference,
+    linear_attention_reference,
+    local_attention_reference,
+    local_mask,
+    multiplicity,
+)
 
 
 def _brute_force(
@@ -231,3 +239,61 @@ def test_rows_that_see_nothing_give_zero_and_finite_gradients(reference) -> None
     assert torch.isinf(lse[1]).all() and torch.isinf(lse[0, :, :4]).all()
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+_CAUSAL_CALLS = {
+    "dilated_attention_reference": lambda q, c: dilated_attention_reference(
+        q, q, q, [4], [1], is_causal=c
+    ),
+    "dilated_attention_dense": lambda q, c: dilated_attention_dense(q, q, q, [4], [1], is_causal=c),
+    "local_attention_reference": lambda q, c: local_attention_reference(q, q, q, 4, is_causal=c),
+    "linear_attention_reference": lambda q, c: linear_attention_reference(q, q, q, is_causal=c),
+    "branch_mask": lambda q, c: branch_mask(4, 1, [0], q_len=8, kv_len=8, is_causal=c),
+    "local_mask": lambda q, c: local_mask(4, q_len=8, kv_len=8, is_causal=c),
+    "multiplicity": lambda q, c: multiplicity([4], [1], num_heads=2, q_len=8, is_causal=c),
+}
+
+
+@pytest.mark.parametrize("function", list(_CAUSAL_CALLS))
+@pytest.mark.parametrize("is_causal", ["False", 1, None])
+def test_non_bool_is_causal_raises(function: str, is_causal: object) -> None:
+    """``is_causal='False'`` is truthy: it must not silently mean causal."""
+    q = _qkv(S=8)[0]
+    with pytest.raises(TypeError, match=f"^is_causal must be a bool, got {is_causal!r}$"):
+        _CAUSAL_CALLS[function](q, is_causal)
+
+
+@pytest.mark.parametrize(
+    ("segments", "rates", "match"),
+    [
+        (None, [1], "segment_lengths must be a sequence of positive integers, got None"),
+        (8, [1], "segment_lengths must be a sequence of positive integers, got 8"),
+        ([4], 1, "dilation_rates must be a sequence of positive integers, got 1"),
+        ([2**70], [1], r"segment_lengths must be at most 2\*\*62"),
+    ],
+)
+@pytest.mark.parametrize("function", ["reference", "dense", "multiplicity"])
+def test_bad_branches_raise_naming_the_argument(segments, rates, match, function: str) -> None:
+    q = _qkv(S=8)[0]
+    calls = {
+        "reference": lambda: dilated_attention_reference(q, q, q, segments, rates),
+        "dense": lambda: dilated_attention_dense(q, q, q, segments, rates),
+        "multiplicity": lambda: multiplicity(segments, rates, num_heads=2, q_len=8),
+    }
+    with pytest.raises(ValueError, match=match):
+        calls[function]()
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((0, 2, 8, 4), r"batch size must be positive, got query of shape \(0, 2, 8, 4\)"),
+        ((1, 2, 8, 0), r"head dim must be positive, got query of shape \(1, 2, 8, 0\)"),
+        ((1, 0, 8, 4), "head counts must be positive, got query 0 and key/value 0"),
+    ],
+)
+def test_empty_batch_heads_or_head_dim_raise(shape: tuple[int, ...], match: str) -> None:
+    q = torch.randn(shape, dtype=torch.float64)
+    for reference in (dilated_attention_reference, dilated_attention_dense):
+        with pytest.raises(ValueError, match=match):
+            reference(q, q, q, [4], [1])

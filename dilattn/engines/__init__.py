@@ -76,6 +76,11 @@ def _why_not(
         return why
     if head_offsets == "split":
         return "head_offsets='split' runs on the strided backend only"
+    if not query.is_cuda and torch.compiler.is_compiling():
+        return (
+            f"compiled FlexAttention on CPU is not supported (query on {query.device}); use "
+            "backend='math' (the default on CPU) under torch.compile"
+        )
     if dropout_p > 0:
         return "FlexAttention has no attention dropout"
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
