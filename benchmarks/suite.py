@@ -99,10 +99,13 @@ class Bench:
                 times.append((time.perf_counter() - begin) * 1e3)
         return statistics.median(times)
 
-    def peak_ratio(self, fn: Callable[[int], object], io_bytes: int, input_bytes: int) -> float:
-        """Peak memory of one call, inputs included, over the bytes of q, k, v and output."""
+    def peak_ratio(
+        self, fn: Callable[[int], object], io_bytes: int, input_bytes: int
+    ) -> float | None:
+        """Peak memory of one call, inputs included, over the bytes of q, k, v and output;
+        None off CUDA (no allocator statistics there)."""
         if not self.cuda:
-            return float("nan")
+            return None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -155,7 +158,7 @@ def _measure(
             ratio = bench.peak_ratio(step, io, per_set)
         work = flops * (3.5 if backward else 1.0)  # a backward counts as 2.5 forwards
         row.update(ms=ms, tflops=work / ms / 1e9, peak_ratio=ratio, sets=count)
-        row["peak_gib"] = ratio * io / 2**30 if bench.cuda else None
+        row["peak_gib"] = ratio * io / 2**30 if ratio is not None else None
     except torch.OutOfMemoryError:
         row["note"] = "out of memory"
     finally:
@@ -605,8 +608,12 @@ def _matmul_tflops(bench: Bench) -> float | None:
     return 2 * 8192**3 / bench.time_ms(lambda i: a @ b, 1) / 1e9
 
 
-def _fmt(row: dict[str, Any], key: str, spec: str) -> str:
-    return "-" if row.get(key) is None else format(row[key], spec)
+def _fmt(row: dict[str, Any], key: str, spec: str, unit: str = "") -> str:
+    """``row[key]`` formatted with ``spec`` and ``unit``; "-" when missing, None or NaN."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return "-"
+    return format(value, spec) + unit
 
 
 def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> None:
@@ -634,13 +641,24 @@ def _table(console: Console, rows: list[dict[str, Any]], peak: float | None) -> 
             _fmt(row, "ms", ".2f"),
             _fmt(row, "tflops", ".0f"),
             share,
-            _fmt(row, "peak_ratio", ".2f") + "x",
+            _fmt(row, "peak_ratio", ".2f", "x"),
             note,
         )
     console.print(table)
 
 
 def _write_json(path: Path, bench: Bench, peak: float | None, argv: list[str] | None) -> None:
+    """The header and every row as strict JSON: a missing number (NaN, infinite) is null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
     triton = importlib.import_module("triton") if importlib.util.find_spec("triton") else None
     header = {
         "command": " ".join(["python", "benchmarks/suite.py", *(argv or sys.argv[1:])]),
@@ -650,7 +668,8 @@ def _write_json(path: Path, bench: Bench, peak: float | None, argv: list[str] | 
         "dtype": str(bench.dtype).removeprefix("torch."),
         "matmul_bf16_tflops": peak,
     }
-    path.write_text(json.dumps({"header": header, "rows": bench.rows}, indent=1) + "\n")
+    data = finite({"header": header, "rows": bench.rows})
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

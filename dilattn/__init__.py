@@ -38,7 +38,11 @@ Sequence parallelism across the ranks of a torch.distributed process group:
 :mod:`dilattn.distributed` (its names are also here, imported on first use).
 """
 
+import warnings
 from typing import TYPE_CHECKING
+
+# torch warns on import when numpy is missing; dilattn never needs numpy
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets

@@ -1,14 +1,13 @@
-"""The ``dilattn`` command line: ``info``, ``mask``, ``check`` and ``bench``."""
+"""The ``dilattn`` command line: ``info``, ``mask``, ``check``, ``bench`` and ``explain``."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import platform
-import statistics
 import struct
-import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import dilattn
 from dilattn.config import DilatedConfig
+from dilattn.engines import _ALLOWED, ENGINES, Dispatch
 from dilattn.engines.gather import RECOMPILE_LIMIT
 from dilattn.reference import dilated_attention_reference, multiplicity
 
@@ -39,6 +40,7 @@ _PALETTE = ((66, 135, 245), (76, 201, 122), (250, 204, 60), (245, 118, 56), (222
 _TERMINAL_MAX, _PNG_MAX = 256, 4096
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPES |= {str(dtype).removeprefix("torch."): dtype for dtype in _DTYPES.values()}
+_ANY_DTYPES = _DTYPES | {"fp64": torch.float64, "float64": torch.float64}  # explain
 _FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -47,6 +49,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise ValueError(f"{self.prog}: {message} (see --help)")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, lists as ``1 2``; none for flags and for
+    defaults of ``None`` (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -62,6 +83,40 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 _positive = _at_least(1)
+
+
+def _fraction(text: str) -> float:
+    """An argparse ``type``: a number in ``[0, 1)``."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a positive number of seconds."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _output(text: str) -> Path:
+    """An argparse ``type``: a file that can be written, checked before anything runs (its
+    directory exists and is writable; it is no directory, nor a read-only file)."""
+    path = Path(text)
+    parent = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if not parent.exists():
+        raise argparse.ArgumentTypeError(f"the directory {parent} does not exist")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
+    return path
 
 
 def _tensor(x: object) -> Tensor:
@@ -88,8 +143,26 @@ def _yes(flag: bool) -> Text:
 # info
 
 
+def _engines_here(cuda: bool, triton: bool) -> list[tuple[str, bool, str]]:
+    """``(engine, runs on this machine, how)`` for each engine of the dispatcher."""
+    cudnn = cuda and torch.backends.cudnn.is_available()  # type: ignore[no-untyped-call]
+    if cuda:
+        return [
+            ("strided", cudnn and triton, "cuDNN attention and a Triton merge; fp16/bf16"),
+            ("flex_strided", triton, "compiled FlexAttention (Triton), forward+backward"),
+            ("flex_gather", triton, "compiled FlexAttention (Triton), forward+backward"),
+            ("math", True, "matmul and softmax: any dtype, dropout, forward+backward"),
+        ]
+    return [
+        ("strided", True, "matmul on CPU, with backend='strided' (auto takes math)"),
+        ("flex_strided", True, "eager FlexAttention, forward only, with backend='flex'"),
+        ("flex_gather", True, "eager FlexAttention, forward only, with backend='flex'"),
+        ("math", True, "matmul and softmax, forward+backward: auto's engine on CPU"),
+    ]
+
+
 def _info(args: argparse.Namespace, console: Console) -> int:
-    """Versions, the device, and which computation paths run on this machine."""
+    """Versions, the device, and which engines run on this machine."""
     try:
         import triton
 
@@ -105,11 +178,13 @@ def _info(args: argparse.Namespace, console: Console) -> int:
     table.add_row("python", platform.python_version())
     table.add_row("device", torch.cuda.get_device_name() if cuda else "CPU")
     table.add_row("triton", triton_version or Text("not installed", style="red"))
-    table.add_section()
-    table.add_row("math (any device, forward+backward)", _yes(True))
-    table.add_row("flex eager (CPU: forward only)", _yes(True))
-    table.add_row("flex compiled (CUDA: forward+backward)", _yes(cuda and bool(triton_version)))
     console.print(table)
+    engines = Table(title="engines (fastest first; see `dilattn explain`)")
+    for column in ("engine", "runs here", "how"):
+        engines.add_column(column)
+    for name, runs, how in _engines_here(cuda, triton_version is not None):
+        engines.add_row(name, _yes(runs), how)
+    console.print(engines)
     return 0
 
 
@@ -185,6 +260,15 @@ def _mask(args: argparse.Namespace, console: Console) -> int:
         f"dilated attention mask: segment lengths {list(seg)}, dilation rates {list(rates)}, "
         f"S={S}, head {args.head} of {args.heads}, {args.head_offsets} offsets{causal}"
     )
+    branches = config.branches
+    if args.head_offsets == "split":  # the head computes one branch (-1: not its branch)
+        offsets = config.offsets(args.heads)
+        branches = tuple(
+            branch
+            for branch, offset in zip(config.branches, offsets, strict=True)
+            if offset[args.head] >= 0
+        )
+        title += "; it computes only " + ", ".join(f"w={w} r={r}" for w, r in branches)
     console.print(Text(title, style="bold"))
     console.print(Text("rows: queries, columns: keys", style="dim"))
     if args.png is None:
@@ -193,7 +277,7 @@ def _mask(args: argparse.Namespace, console: Console) -> int:
         _write_png(args.png, _png_rows(counts))
         console.print(f"wrote {args.png}", soft_wrap=True)
     legend = Text("branches seeing the key: ")
-    for count in range(len(config.branches) + 1):
+    for count in range(len(branches) + 1):
         legend.append(_cell(count), style=_style(count))
         legend.append(f" {count} ({int((counts == count).sum())} cells)  ")
     console.print(legend)
@@ -370,32 +454,27 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 # bench
 
 
-def _time_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
-    """Median milliseconds of ``fn`` after warm-up: CUDA events on CUDA, else wall time."""
-    for _ in range(3 if cuda else 1):
-        fn()
-    times: list[float] = []
-    for _ in range(repeats):
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+_MAX_RUN_TIMES = 20  # adaptive timing stops at this many times --min-run-time
 
 
-def _matmul_tflops(repeats: int) -> float:
+def _time_ms(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median milliseconds per call of ``fn``, by ``torch.utils.benchmark.Timer``'s
+    ``adaptive_autorange``: after one warm-up call (compilation, lazy initialisation) it sizes
+    blocks of calls, then times blocks (synchronising the accelerator around each) for at
+    least ``min_run_time`` seconds and until their spread is within 10% of the median (at most
+    ``20 * min_run_time`` seconds), and keeps the median block; on all of torch's CPU threads."""
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.adaptive_autorange(
+        min_run_time=min_run_time, max_run_time=_MAX_RUN_TIMES * min_run_time
+    )
+    return float(measurement.median) * 1e3
+
+
+def _matmul_tflops(min_run_time: float) -> float:
     """Measured bf16 TFLOP/s of one 8192^3 matmul, timed as the attention calls are."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / _time_ms(lambda: a @ b, repeats, cuda=True) / 1e9
+    return 2 * 8192**3 / _time_ms(lambda: a @ b, min_run_time) / 1e9
 
 
 def _impls(
@@ -434,7 +513,7 @@ def _bench_row(
     inputs: Sequence[Tensor],
     grad: Tensor | None,
     flops: float,
-    repeats: int,
+    min_run_time: float,
 ) -> dict[str, Any]:
     """Time ``fn`` (with the backward to ``inputs`` when ``grad`` is given) into one row."""
     cuda = inputs[0].is_cuda
@@ -443,7 +522,7 @@ def _bench_row(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        ms = _time_ms(step, repeats, cuda)
+        ms = _time_ms(step, min_run_time)
     except torch.OutOfMemoryError:
         return _row(name, S, "out of memory")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -470,10 +549,10 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     B, H, D = args.batch, args.heads or (12 if cuda else 4), args.head_dim
     if cuda and D < 16:
         raise ValueError(f"--head-dim must be at least 16 on CUDA (FlexAttention), got {D}")
-    dtype = _DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    repeats = args.repeats or (20 if cuda else 3)
+    dtype = _DTYPES["bf16" if cuda else "fp32"] if args.dtype == "auto" else _DTYPES[args.dtype]
+    min_run_time = args.min_run_time or (1.0 if cuda else 0.2)
     flex = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
-    matmul = _matmul_tflops(repeats) if cuda else None
+    matmul = _matmul_tflops(min_run_time) if cuda else None
     work = 3.5 if args.backward else 1.0  # a backward counts as 2.5 forwards
     rows = []
     with Progress(console=console, transient=True) as bar:
@@ -493,7 +572,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                 if skip:
                     rows.append(_row(name, S, skip))
                 else:
-                    rows.append(_bench_row(name, S, fn, inputs, grad, flops, repeats))
+                    rows.append(_bench_row(name, S, fn, inputs, grad, flops, min_run_time))
                 bar.advance(task)
     _bench_table(console, rows, cuda, matmul)
     if args.json is not None:
@@ -511,7 +590,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                 "head_dim": D,
                 "causal": args.causal,
                 "backward": args.backward,
-                "repeats": repeats,
+                "min_run_time": min_run_time,
+                "timer": "torch.utils.benchmark.Timer.adaptive_autorange, median",
             },
         }
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
@@ -537,63 +617,325 @@ def _bench_table(
     console.print(table)
 
 
+# explain
+
+
+def _explain_call(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, Any], str]:
+    """Uninitialised q, k, v of the call's shapes (``torch.empty``: the dispatcher reads
+    shapes, dtypes and devices, never values), its keyword arguments, and a summary line."""
+    S, H, D, B = args.seq_len, args.heads, args.head_dim, args.batch
+    H_kv = args.kv_heads or H
+    if H % H_kv:
+        raise ValueError(f"--kv-heads must divide --heads {H}, got {H_kv}")
+    if args.q_offset >= S:
+        raise ValueError(
+            f"--q-offset must be below --seq-len {S} (the queries are the last "
+            f"S - q_offset positions), got {args.q_offset}"
+        )
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _ANY_DTYPES[args.dtype]
+    S_q = S - args.q_offset
+    q, k, v = (
+        torch.empty(B, h, n, D, device=device, dtype=dtype, requires_grad=args.grad)
+        for h, n in ((H, S_q), (H_kv, S), (H_kv, S))
+    )
+    options: dict[str, Any] = {
+        "is_causal": args.causal,
+        "enable_gqa": H_kv != H,
+        "head_offsets": args.head_offsets,
+        "backend": args.backend,
+        "q_offset": args.q_offset,
+        "dropout_p": args.dropout,
+        "local_window": args.local_window,
+    }
+    positions = torch.arange(S, device=device)
+    if args.documents is not None:
+        options["document_ids"] = (positions * args.documents // S).expand(B, S)
+    if args.padding > 0:
+        padded = round(args.padding * S)
+        options["key_padding_mask"] = (positions >= S - padded).expand(B, S)
+    if args.score_mod == "alibi":
+        options["score_mod"] = dilattn.alibi_score_mod(H)
+    elif args.score_mod == "t5":
+        t5 = dilattn.T5RelativeBias(H, bidirectional=not args.causal, device=device)
+        options["score_mod"] = t5.score_mod
+    summary = (
+        f"B={B}, H={H}, H_kv={H_kv}, S_q={S_q}, S_kv={S}, D={D}, {_dtype_name(dtype)} on "
+        f"{device.type}{', requires grad' if args.grad else ''}; backend={args.backend!r}"
+    )
+    return (q, k, v), options, summary
+
+
+def _explain_table(chosen: Dispatch, backend: str, summary: str) -> Table:
+    """The chosen engine, each refused engine with its reason, then those not tried."""
+    table = Table(title="dilattn explain", caption=summary)
+    for column in ("engine", "verdict", "why"):
+        table.add_column(column)
+    allowed = _ALLOWED[backend]
+    table.add_row(
+        Text(chosen.engine, style="bold"),
+        Text("runs", style="green"),
+        f"the first engine{'' if backend == 'auto' else f' of --backend {backend}'} "
+        "that takes the call",
+    )
+    for name, why in chosen.refused:
+        table.add_row(name, Text("refused", style="red"), why)
+    tried = {chosen.engine, *(name for name, _ in chosen.refused)}
+    for name in ENGINES:
+        if name in tried:
+            continue
+        why = (
+            f"slower than {chosen.engine}"
+            if name in allowed
+            else f"--backend {backend} allows only {', '.join(allowed)}"
+        )
+        table.add_row(Text(name, style="dim"), Text("not tried", style="dim"), why)
+    return table
+
+
+def _explain(args: argparse.Namespace, console: Console) -> int:
+    """Which engine ``dilated_attention`` takes for this call, and why it refuses the others
+    (``dilattn.explain``); an impossible call is an error."""
+    device = _device(args.device)
+    (q, k, v), options, summary = _explain_call(args, device)
+    chosen = dilattn.explain(q, k, v, args.segment_lengths, args.dilation_rates, **options)
+    console.print(_explain_table(chosen, args.backend, summary))
+    return 0
+
+
 # the command line
 
 
 def _parser() -> _Parser:
-    parser = _Parser(prog="dilattn", description="Exact LongNet dilated attention: tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, device and available paths").set_defaults(run=_info)
+    parser = _Parser(
+        prog="dilattn",
+        description="Exact LongNet dilated attention: tools.",
+        formatter_class=_Formatter,
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (each has --help)"
+    )
 
-    def branches(sub: argparse.ArgumentParser, required: bool) -> None:
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=summary, formatter_class=_Formatter
+        )
+
+    def branches(
+        sub: argparse.ArgumentParser,
+        segments: list[int] | None = None,
+        rates: list[int] | None = None,
+        *,
+        required: bool = False,
+        note: str = "",
+    ) -> None:
         sub.add_argument(
-            "--segment-lengths", nargs="+", type=_positive, metavar="W", required=required
+            "--segment-lengths",
+            nargs="+",
+            type=_positive,
+            metavar="W",
+            required=required,
+            default=segments,
+            help=f"segment length w of each branch{note}",
         )
         sub.add_argument(
-            "--dilation-rates", nargs="+", type=_positive, metavar="R", required=required
+            "--dilation-rates",
+            nargs="+",
+            type=_positive,
+            metavar="R",
+            required=required,
+            default=rates,
+            help=f"dilation rate r (at most w) of each branch{note}",
         )
 
     def device(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sub.add_argument(
+            "--device",
+            choices=("auto", "cpu", "cuda"),
+            default="auto",
+            help="where to run; auto is CUDA when there is a GPU, else CPU",
+        )
 
-    mask = commands.add_parser("mask", help="draw which keys each query sees")
+    def causal(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--causal", action="store_true", help="causal: no query sees a later key")
+
+    info = command("info", "versions, device and the engines that run on this machine")
+    info.set_defaults(run=_info)
+
+    mask = command("mask", "draw which keys each query sees")
     branches(mask, required=True)
-    mask.add_argument("--seq-len", type=_positive, metavar="S", required=True)
-    mask.add_argument("--heads", type=_positive, metavar="H", default=1)
+    mask.add_argument(
+        "--seq-len",
+        type=_positive,
+        metavar="S",
+        required=True,
+        help=f"sequence length (at most {_TERMINAL_MAX} in the terminal, {_PNG_MAX} with --png)",
+    )
+    mask.add_argument("--heads", type=_positive, metavar="H", default=1, help="number of heads")
     mask.add_argument("--head", type=_at_least(0), metavar="H", default=0, help="the head to draw")
-    mask.add_argument("--causal", action="store_true")
-    mask.add_argument("--head-offsets", choices=("cyclic", "grouped"), default="cyclic")
-    mask.add_argument("--png", type=Path, metavar="PATH", help="write a PNG image instead")
+    causal(mask)
+    mask.add_argument(
+        "--head-offsets",
+        choices=("cyclic", "grouped", "split"),
+        default="cyclic",
+        help="offset of head h in a branch of rate r: cyclic h %% r (the paper), grouped "
+        "h // ceil(H / r) (torchscale), split: each head computes one branch "
+        "(dilated-attention-pytorch)",
+    )
+    mask.add_argument(
+        "--png",
+        type=_output,
+        metavar="PATH",
+        help="write a PNG image instead of drawing in the terminal",
+    )
     mask.set_defaults(run=_mask)
 
-    check = commands.add_parser("check", help="compare every path with the reference")
+    check = command("check", "compare every path with the float64 reference")
     device(check)
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument(
+        "--seed", type=int, default=0, help="seed of the random inputs (case i uses seed + i)"
+    )
     check.set_defaults(run=_check)
 
-    bench = commands.add_parser("bench", help="time dilated attention against dense SDPA")
-    branches(bench, required=False)
+    bench = command("bench", "time dilated attention against the one-line mask and dense SDPA")
+    branches(bench, note=" (default: the paper's 5 branches on CUDA, 2 on CPU)")
     device(bench)
-    bench.add_argument("--seq-lens", nargs="+", type=_positive, metavar="S")
-    bench.add_argument("--heads", type=_positive, metavar="H")
-    bench.add_argument("--head-dim", type=_positive, metavar="D", default=64)
-    bench.add_argument("--batch", type=_positive, metavar="B", default=1)
-    bench.add_argument("--causal", action="store_true")
-    bench.add_argument("--dtype", choices=tuple(_DTYPES))
+    bench.add_argument(
+        "--seq-lens",
+        nargs="+",
+        type=_positive,
+        metavar="S",
+        help="sequence lengths to time (default: 8192 32768 131072 on CUDA, 1024 2048 on CPU)",
+    )
+    bench.add_argument(
+        "--heads",
+        type=_positive,
+        metavar="H",
+        help="number of heads (default: 12 on CUDA, 4 on CPU)",
+    )
+    bench.add_argument("--head-dim", type=_positive, metavar="D", default=64, help="head dim")
+    bench.add_argument("--batch", type=_positive, metavar="B", default=1, help="batch size")
+    causal(bench)
+    bench.add_argument(
+        "--dtype",
+        choices=("auto", *_DTYPES),
+        default="auto",
+        help="input dtype; auto is bf16 on CUDA, fp32 on CPU",
+    )
     bench.add_argument("--backward", action="store_true", help="time forward+backward")
-    bench.add_argument("--repeats", type=_positive, metavar="N")
-    bench.add_argument("--json", type=Path, metavar="PATH")
+    bench.add_argument(
+        "--min-run-time",
+        type=_seconds,
+        metavar="SECONDS",
+        help="least time spent timing each call: torch.utils.benchmark's adaptive_autorange "
+        f"keeps timing until the spread is within 10%% of the median, up to {_MAX_RUN_TIMES}x "
+        "this; the median is reported (default: 1.0 on CUDA, 0.2 on CPU)",
+    )
+    bench.add_argument(
+        "--json",
+        type=_output,
+        metavar="PATH",
+        help="also write the results (and the configuration) as JSON",
+    )
     bench.set_defaults(run=_bench)
+
+    explain = command(
+        "explain",
+        "which engine a call takes and why the others were refused (dilattn.explain)",
+    )
+    branches(explain, [2048, 4096], [1, 2])
+    explain.add_argument(
+        "--seq-len", type=_positive, metavar="S", default=8192, help="key length and positions"
+    )
+    explain.add_argument("--heads", type=_positive, metavar="H", default=8, help="query heads")
+    explain.add_argument(
+        "--kv-heads",
+        type=_positive,
+        metavar="H_KV",
+        help="key/value heads, a divisor of --heads (grouped-query attention; default: --heads)",
+    )
+    explain.add_argument("--head-dim", type=_positive, metavar="D", default=64, help="head dim")
+    explain.add_argument("--batch", type=_positive, metavar="B", default=1, help="batch size")
+    causal(explain)
+    explain.add_argument(
+        "--dtype",
+        choices=("auto", *_ANY_DTYPES),
+        default="auto",
+        help="input dtype; auto is bf16 on CUDA, fp32 on CPU",
+    )
+    device(explain)
+    explain.add_argument(
+        "--backend",
+        choices=("auto", "strided", "flex", "math"),
+        default="auto",
+        help="the engines allowed: auto all of them, flex flex_strided and flex_gather, "
+        "strided and math their own",
+    )
+    explain.add_argument(
+        "--head-offsets",
+        choices=("cyclic", "grouped", "split"),
+        default="cyclic",
+        help="offset of head h in a branch of rate r: cyclic, grouped or split "
+        "(one branch per head)",
+    )
+    explain.add_argument(
+        "--documents",
+        type=_positive,
+        metavar="N",
+        help="pack N documents of equal length (document_ids; default: one sequence)",
+    )
+    explain.add_argument(
+        "--padding",
+        type=_fraction,
+        metavar="FRACTION",
+        default=0.0,
+        help="share of the keys padded at the end (key_padding_mask; 0: no mask)",
+    )
+    explain.add_argument(
+        "--score-mod",
+        choices=("none", "alibi", "t5"),
+        default="none",
+        help="a score_mod: ALiBi, or T5's relative bias (it captures a tensor)",
+    )
+    explain.add_argument(
+        "--q-offset",
+        type=_at_least(0),
+        metavar="N",
+        default=0,
+        help="position of query row 0: the queries are the last S - N positions "
+        "(decoding after N cached tokens)",
+    )
+    explain.add_argument(
+        "--local-window",
+        type=_positive,
+        metavar="N",
+        help="add a sliding-window branch |p - p'| <= N (default: none)",
+    )
+    explain.add_argument(
+        "--dropout",
+        type=_fraction,
+        metavar="P",
+        default=0.0,
+        help="attention dropout probability (dropout_p)",
+    )
+    explain.add_argument("--grad", action="store_true", help="the inputs require grad (training)")
+    explain.set_defaults(run=_explain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for bad arguments)."""
+    """Run the command line; returns the exit code (2 for bad arguments, 0 after --help)."""
     try:
         args = _parser().parse_args(argv)
         with warnings.catch_warnings():  # eager flex on CPU is intended here
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             code: int = args.run(args, Console(highlight=False))
+    except SystemExit as done:  # --help: argparse printed it
+        return done.code if isinstance(done.code, int) else 0
     except (ValueError, TypeError) as error:
         Console(stderr=True).print(Text(f"error: {error}", style="red"), soft_wrap=True)
         return 2
