@@ -9,8 +9,8 @@ The merged result of all branches equals ONE softmax over all keys with the addi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -120,11 +120,38 @@ def dilated_score_mod(
     return score_mod
 
 
-class FlexMask(NamedTuple):
-    """What ``flex_attention`` needs to compute dilated attention in one call."""
+_FLEX_KEYS = ("block_mask", "score_mod")
+
+
+@dataclass(frozen=True, eq=False)
+class FlexMask(Mapping[str, "BlockMask | _score_mod_signature"]):
+    """What ``flex_attention`` needs to compute dilated attention in one call, as ONE object.
+
+    Pass it whole, as keyword arguments::
+
+        out = flex_attention(q, k, v, **m)  # block_mask=m.block_mask, score_mod=m.score_mod
+
+    The ``score_mod`` (``+ log m``) is part of the definition: the block mask alone computes
+    something else, silently. So a ``FlexMask`` is a read-only mapping with exactly the keys
+    ``"block_mask"`` and ``"score_mod"`` (``**m`` passes both); the attributes
+    ``m.block_mask`` and ``m.score_mod`` read the same values. It is not a tuple: unpacking
+    ``a, b = m`` gives the two key names.
+    """
 
     block_mask: BlockMask
     score_mod: _score_mod_signature
+
+    def __getitem__(self, key: str) -> BlockMask | _score_mod_signature:
+        if key not in _FLEX_KEYS:
+            raise KeyError(key)
+        value: BlockMask | _score_mod_signature = getattr(self, key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_FLEX_KEYS)
+
+    def __len__(self) -> int:
+        return len(_FLEX_KEYS)
 
 
 def flex_mask(
@@ -149,20 +176,23 @@ def flex_mask(
     Example::
 
         m = dilattn.flex_mask([2048, 4096], [1, 2], q_len=S, num_heads=H, device="cuda")
-        out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod)
+        out = flex_attention(q, k, v, **m)  # pass m whole: its block_mask AND its score_mod
         # out: (B, H, S, D), exactly dilattn.dilated_attention(q, k, v, [2048, 4096], [1, 2])
 
     Args:
         segment_lengths, dilation_rates: the branches ``(w_i, r_i)``.
         q_len, kv_len: sequence lengths of query and key (``kv_len`` defaults to ``q_len``);
             positions are aligned at 0 for both, as in SDPA and flex.
-        num_heads: query heads (with GQA, pass ``enable_gqa=True`` to ``flex_attention``).
+        num_heads: query heads (with GQA, pass ``enable_gqa=True`` to ``flex_attention``);
+            see "Head count" below.
         is_causal: mask keys after the query.
-        head_offsets: ``"cyclic"`` (``h % r``, the paper) or ``"grouped"`` (torchscale).
+        head_offsets: ``"cyclic"`` (``h % r``, the paper), ``"grouped"`` (torchscale) or
+            ``"split"`` (each head computes one branch).
         block_size: flex's sparse block size (both axes); compiled flex on CUDA needs one
             that divides 128.
         device: where the block mask lives (the device of q, k, v; default: that of the
-            tensors below, else the CPU).
+            tensors below, else the CPU). A CUDA device this torch cannot use raises
+            ``ValueError``.
         key_padding_mask: ``(B, S_kv)`` bool, ``True`` = padding key (ignored).
         document_ids: ``(B, max(q_len, kv_len))`` integers: a query sees only keys of its own
             document (segments are NOT restarted per document).
@@ -173,10 +203,18 @@ def flex_mask(
             a dilated one (its blocks are in the block mask).
 
     Returns:
-        ``FlexMask(block_mask, score_mod)``. The block mask is built analytically from block
-        intervals, is shared by all heads and batch rows (``B = H = 1``), and stays small at
-        1M tokens. Padding and documents are conditions of its ``mask_mod``: every touched
-        block is then partial (they do not prune blocks).
+        ``FlexMask(block_mask, score_mod)``, a mapping to call ``flex_attention(q, k, v, **m)``
+        with. The block mask is built analytically from block intervals, is shared by all
+        heads and batch rows (``B = H = 1``), and stays small at 1M tokens. Every block it
+        marks full is fully visible for every head (with ``"split"``, a block is full only
+        where it is full in every branch). Padding and documents are conditions of its
+        ``mask_mod``: every touched block is then partial (they do not prune blocks).
+
+    Head count:
+        The mask is made for ``num_heads`` query heads, and ``flex_attention`` checks no head
+        count against a block mask (one of head dim 1, as this one, broadcasts; compiled
+        kernels read block-mask head ``h % H``). Pass the number of heads of ``q``: with
+        ``"grouped"`` or ``"split"`` offsets another count computes another function.
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
@@ -195,6 +233,7 @@ def flex_mask(
     check_score_mod(score_mod)
     given = [x for x in (key_padding_mask, document_ids, cu_seqlens) if isinstance(x, Tensor)]
     dev = as_device(device if device is not None or not given else given[0].device)
+    _check_cuda(dev, device)
     batched = [x for x in (key_padding_mask, document_ids) if isinstance(x, Tensor)]
     padding, documents = check_variable_lengths(
         key_padding_mask,
@@ -206,18 +245,25 @@ def flex_mask(
         q_offset=0,
         device=dev,
     )
+    # the branches some head computes (with "split" and fewer heads than branches, not all)
+    computed = [
+        branch
+        for branch, offsets in zip(config.branches, config.offsets(num_heads), strict=True)
+        if max(offsets) >= 0
+    ]
     rows, cols = (
         union_spans(
-            config.branches,
+            computed,
             this_len=this,
             other_len=other,
             block_size=block_size,
             causal_sign=sign * int(is_causal),
             device=dev,
+            one_per_head=head_offsets == "split",
         )
         for this, other, sign in ((q_len, kv_len, 1), (kv_len, q_len, -1))
     )
-    width = union_width(config.branches, block_size)
+    width = union_width(computed, block_size)
     if local_window is not None:
         window = sliding_window(local_window, is_causal)
         local_rows, local_cols = window_spans(
@@ -254,7 +300,24 @@ def flex_mask(
         head_offsets=head_offsets,
         local_window=local_window,
     )
-    return FlexMask(block_mask, log_m if score_mod is None else _then(score_mod, log_m))
+    full_mod = log_m if score_mod is None else _then(score_mod, log_m)
+    return FlexMask(block_mask, full_mod)
+
+
+def _check_cuda(dev: torch.device, device: object) -> None:
+    """A CUDA ``dev`` must be usable: ``ValueError`` naming ``device`` (torch would raise an
+    ``AssertionError`` "Torch not compiled with CUDA enabled" deep inside)."""
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r}: this torch cannot use CUDA (torch.cuda.is_available() is "
+            "False); pass device='cpu' or the device of q, k, v"
+        )
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices"
+        )
 
 
 def _then(first: _score_mod_signature, second: _score_mod_signature) -> _score_mod_signature:

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
-from conftest import Case, assert_within_budget, cases, check_block_mask, extras
-from hypothesis import given, settings
+from conftest import Case, assert_within_budget, cases, check_block_mask, examples, extras
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
+import dilattn
 from dilattn import alibi_score_mod, dilated_mask_mod, flex_mask
 from dilattn.engines.blocks import block_mask_from_spans, prefix_spans
 from dilattn.reference import dilated_attention_reference, multiplicity
 
+HEAD_OFFSETS = ["cyclic", "grouped", "split"]
 
-@given(case=cases(), block_size=st.sampled_from([4, 8, 128]))
-def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
-    (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
-    m = flex_mask(
+
+def any_offsets(**kwargs: object) -> st.SearchStrategy[Case]:
+    """``cases(**kwargs)`` with every kind of head offsets, "split" included."""
+    return st.builds(
+        dataclasses.replace, cases(**kwargs), head_offsets=st.sampled_from(HEAD_OFFSETS)
+    )
+
+
+def one_line_mask(case: Case, **kwargs: object) -> dilattn.FlexMask:
+    """``flex_mask`` for ``case`` (its branches, shapes, causality and head offsets)."""
+    return flex_mask(
         case.segment_lengths,
         case.dilation_rates,
         q_len=case.q_len,
@@ -24,34 +36,28 @@ def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
         num_heads=case.q_heads,
         is_causal=case.is_causal,
         head_offsets=case.head_offsets,  # type: ignore[arg-type]
-        block_size=block_size,
+        **kwargs,  # type: ignore[arg-type]
     )
-    gqa = case.q_heads != case.kv_heads
-    out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=gqa)
+
+
+@given(case=any_offsets(), block_size=st.sampled_from([4, 8, 128]))
+def test_one_line_mask_matches_reference(case: Case, block_size: int) -> None:
+    (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
+    m = one_line_mask(case, block_size=block_size)
+    out = flex_attention(q, k, v, **m, enable_gqa=case.q_heads != case.kv_heads)
     args = (case.segment_lengths, case.dilation_rates)
     truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs)
     assert_within_budget(out, dilated_attention_reference(q, k, v, *args, **case.kwargs), truth)
 
 
-@settings(max_examples=8)
-@given(data=st.data(), case=cases(), block_size=st.sampled_from([4, 16, 128]))
+@examples(8)
+@given(data=st.data(), case=any_offsets(), block_size=st.sampled_from([4, 16, 128]))
 def test_one_line_mask_with_extras_matches_reference(data, case: Case, block_size: int) -> None:
     kw = data.draw(extras(case, q_offset=False)).kwargs(case)
     kw.pop("q_offset")
     (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
-    m = flex_mask(
-        case.segment_lengths,
-        case.dilation_rates,
-        q_len=case.q_len,
-        kv_len=case.kv_len,
-        num_heads=case.q_heads,
-        is_causal=case.is_causal,
-        head_offsets=case.head_offsets,  # type: ignore[arg-type]
-        block_size=block_size,
-        **kw,
-    )
-    gqa = case.q_heads != case.kv_heads
-    out = flex_attention(q, k, v, block_mask=m.block_mask, score_mod=m.score_mod, enable_gqa=gqa)
+    m = one_line_mask(case, block_size=block_size, **kw)
+    out = flex_attention(q, k, v, **m, enable_gqa=case.q_heads != case.kv_heads)
     args = (case.segment_lengths, case.dilation_rates)
     truth = dilated_attention_reference(q64, k64, v64, *args, **case.kwargs, **kw)
     baseline = dilated_attention_reference(q, k, v, *args, **case.kwargs, **kw)
@@ -76,18 +82,20 @@ def test_one_line_mask_with_extras_has_no_full_blocks_and_named_mods() -> None:
     assert m.score_mod.__name__ == "alibi_2h_then_log_multiplicity_w32_r1"
 
 
+# the issue's reproducer: head 0 sees all of block (0, 0) in branch (128, 1), head 1 only a
+# quarter of it in branch (256, 2); the block was marked full
+SPLIT_REPRODUCER = Case((128, 256), (1, 2), 1, 2, 2, 256, 256, 4, 4, False, "split")
+
+
+@pytest.mark.parametrize("head_offsets", HEAD_OFFSETS)
 @given(case=cases(max_len=80, max_segment=40), block_size=st.sampled_from([2, 4, 8, 16]))
-def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
+@example(case=SPLIT_REPRODUCER, block_size=128)
+def test_union_block_mask_is_sound(case: Case, block_size: int, head_offsets: str) -> None:
+    """Per head (``visible`` is ``(1, H, S_q, S_kv)``): every block with an entry some head
+    sees is listed, every full block is fully visible for EVERY head, the sides transpose."""
+    case = dataclasses.replace(case, head_offsets=head_offsets)
     args = (case.segment_lengths, case.dilation_rates)
-    m = flex_mask(
-        *args,
-        q_len=case.q_len,
-        kv_len=case.kv_len,
-        num_heads=case.q_heads,
-        is_causal=case.is_causal,
-        head_offsets=case.head_offsets,
-        block_size=block_size,  # type: ignore[arg-type]
-    )
+    m = one_line_mask(case, block_size=block_size)
     visible = (
         multiplicity(
             *args,
@@ -100,12 +108,14 @@ def test_union_block_mask_is_sound(case: Case, block_size: int) -> None:
         > 0
     )
     only_rate_one = set(case.dilation_rates) == {1}
+    # with "split" a block is full iff it is full in every branch, each branch exactly
+    one_branch_per_head = len(case.dilation_rates) == 1 or head_offsets == "split"
     check_block_mask(
         m.block_mask,
         visible[None],
         block_size,
         tight_touched=only_rate_one,
-        tight_full=only_rate_one and len(case.dilation_rates) == 1 and not case.is_causal,
+        tight_full=only_rate_one and one_branch_per_head and not case.is_causal,
     )
 
 
@@ -171,3 +181,43 @@ def test_mods_are_named() -> None:
     mod = dilated_mask_mod([8, 16], [1, 2], num_heads=2, is_causal=True)
     assert mod.__name__ == "dilated_causal_w8-16_r1-2"
     assert flex_mask([8], [2], q_len=16, num_heads=1).score_mod.__name__ == "log_multiplicity_w8_r2"
+
+
+def test_flex_mask_is_one_mapping_to_pass_whole() -> None:
+    m = flex_mask([16, 32], [1, 2], q_len=64, num_heads=2, block_size=16)
+    assert list(m) == ["block_mask", "score_mod"]
+    assert dict(m) == {"block_mask": m.block_mask, "score_mod": m.score_mod}
+    assert m["block_mask"] is m.block_mask and m["score_mod"] is m.score_mod
+    with pytest.raises(KeyError):
+        m["mask_mod"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.block_mask = m.block_mask  # type: ignore[misc]
+    block_mask, score_mod = m  # not a tuple: no way to take the block mask alone by position
+    assert (block_mask, score_mod) == ("block_mask", "score_mod")
+
+
+def test_flex_mask_unpacks_in_compiled_code() -> None:
+    m = flex_mask([16, 32], [1, 2], q_len=64, num_heads=2, block_size=16)
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    call = torch.compile(
+        lambda q, k, v, m: flex_attention(q, k, v, **m), backend="eager", fullgraph=True
+    )
+    truth = dilated_attention_reference(q, k, v, [16, 32], [1, 2])
+    torch.testing.assert_close(call(q, k, v, m), truth)
+
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only torch")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cuda", marks=no_cuda),
+        pytest.param(torch.device("cuda", 0), marks=no_cuda),
+        f"cuda:{torch.cuda.device_count()}",  # one past the last device, if any
+    ],
+    ids=str,
+)
+def test_flex_mask_on_an_unusable_cuda_device_raises_value_error(device: object) -> None:
+    with pytest.raises(ValueError, match=r"^device=.*cuda"):
+        flex_mask([8], [1], q_len=16, num_heads=1, device=device)  # type: ignore[arg-type]

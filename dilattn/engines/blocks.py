@@ -206,6 +206,7 @@ def union_spans(
     block_size: int,
     causal_sign: int,
     device: torch.device,
+    one_per_head: bool = False,
 ) -> Spans:
     """Spans of the union of dilated branches, for the blocks of one axis ``(1, 1, n)``.
 
@@ -218,6 +219,11 @@ def union_spans(
     interval contains the block at this block's own position, and every full run starts at or
     before it and ends at or after it (block-aligned segments), so both unions are one interval,
     and "full" is the same pair predicate seen from either axis: the two sides are transposes.
+
+    ``one_per_head``: each head computes only ONE of ``branches`` (``head_offsets="split"``;
+    pass only the branches some head computes), and the spans are shared by all heads. A block
+    is then full only when it is full for every head, i.e. full in EVERY branch (all of rate 1):
+    the intersection of the full runs, still one interval per block and still a pair predicate.
     """
     bs = block_size
     n_other = cdiv(other_len, bs)
@@ -226,8 +232,10 @@ def union_spans(
     z = torch.clamp(a + bs, max=this_len) - 1
     lo = torch.full_like(blk, n_other)
     hi = torch.zeros_like(blk)
-    full_lo = torch.full_like(blk, n_other)  # empty until a branch has a full run
-    full_hi = torch.zeros_like(blk)
+    if one_per_head:  # everything, until a branch has no full run there
+        full_lo, full_hi = torch.zeros_like(blk), torch.full_like(blk, n_other)
+    else:  # empty until a branch has a full run
+        full_lo, full_hi = torch.full_like(blk, n_other), torch.zeros_like(blk)
     for w, r in branches:
         first, last = a // w, z // w  # segments this block overlaps
         seg_a = first * w
@@ -241,6 +249,8 @@ def union_spans(
         lo = torch.where(touched, torch.minimum(lo, b_lo), lo)
         hi = torch.where(touched, torch.maximum(hi, b_hi), hi)
         if r != 1:
+            if one_per_head:  # rate > 1: no block counts as full in this branch, nor overall
+                full_hi = full_lo
             continue
         f_z = torch.clamp((first + 1) * w, max=other_len) - 1
         f_lo = (seg_a + bs - 1) // bs
@@ -250,9 +260,17 @@ def union_spans(
         elif causal_sign < 0:
             f_lo = torch.maximum(f_lo, blk + 1)
         has_run = (first == last) & (f_lo < f_hi)
-        full_lo = torch.where(has_run, torch.minimum(full_lo, f_lo), full_lo)
-        full_hi = torch.where(has_run, torch.maximum(full_hi, f_hi), full_hi)
+        if one_per_head:
+            full_lo = torch.maximum(full_lo, f_lo)
+            full_hi = torch.where(has_run, torch.minimum(full_hi, f_hi), full_lo)
+        else:
+            full_lo = torch.where(has_run, torch.minimum(full_lo, f_lo), full_lo)
+            full_hi = torch.where(has_run, torch.maximum(full_hi, f_hi), full_hi)
     lo = torch.minimum(lo, hi)
+    if one_per_head:  # an empty intersection as an empty union: (n_other, 0)
+        empty = full_lo >= full_hi
+        full_lo = torch.where(empty, n_other, full_lo)
+        full_hi = torch.where(empty, 0, full_hi)
     return Spans(*(x.view(1, 1, -1) for x in (lo, hi, full_lo, full_hi)))
 
 
