@@ -15,6 +15,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def thorough(session: nox.Session) -> None:
+    """The property tests with ten times the examples and lengths past the 128-row blocks."""
+    session.install(TORCH, "-e", ".[test]")
+    session.run(
+        "python", "-m", "pytest", "-q", *session.posargs, env={"HYPOTHESIS_PROFILE": "thorough"}
+    )
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     paths = ["dilattn", "tests", "examples", "benchmarks", "noxfile.py"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -15,10 +16,26 @@ from torch.nn.attention.flex_attention import BlockMask
 from dilattn import MultiheadDilatedAttention, T5RelativeBias, alibi_score_mod, rotary, xpos
 from dilattn.reference import dilated_attention_reference
 
-settings.register_profile(
-    "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("default")
+# Profiles: "default" (CI), and "thorough" (HYPOTHESIS_PROFILE=thorough, `nox -s thorough`):
+# ten times the examples and eight times the lengths, past the 128-row blocks of the block
+# masks, where their edge cases live.
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+SCALE = {"default": 1, "thorough": 10}[PROFILE]
+LENGTH_SCALE = {"default": 1, "thorough": 8}[PROFILE]
+for _name, _scale in (("default", 1), ("thorough", 10)):
+    settings.register_profile(
+        _name,
+        deadline=None,
+        max_examples=40 * _scale,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+settings.load_profile(PROFILE)
+
+
+def examples(n: int) -> settings:
+    """``@settings(max_examples=n)``, times the profile's scale."""
+    return settings(max_examples=n * SCALE)
+
 
 # The error budget (as FlashAttention's tests): a path's error against the float64 result may
 # be at most `factor` times the error of plain PyTorch (the reference) in the same dtype, plus
@@ -92,6 +109,7 @@ def cases(
     max_segment: int = 24,
     causal: bool | None = None,
 ) -> Case:
+    max_len, max_segment = max_len * LENGTH_SCALE, max_segment * LENGTH_SCALE
     branches = draw(st.integers(1, 3))
     segments = [draw(st.integers(1, max_segment)) for _ in range(branches)]
     rates = [draw(st.integers(1, min(w, 6))) for w in segments]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Case, _dense, assert_within_budget, cases, extras
-from hypothesis import given, settings
+from conftest import Case, _dense, assert_within_budget, cases, examples, extras
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dilattn
@@ -22,7 +22,7 @@ def _inputs(case: Case, dtype: torch.dtype, bshd: bool) -> list[torch.Tensor]:
     return [x.transpose(1, 2).contiguous().transpose(1, 2) if bshd else x for x in low]
 
 
-@settings(max_examples=20)
+@examples(20)
 @given(
     data=st.data(),
     case=cases(max_len=300, same_lengths=True, max_segment=300),
@@ -80,7 +80,7 @@ def _check_sound(bm, visible: torch.Tensor) -> None:
     assert torch.equal(q_full, full.transpose(-1, -2))
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(
     data=st.data(),
     segments=st.lists(st.integers(100, 700), min_size=1, max_size=3),

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from conftest import LOW_DTYPES, Case, assert_within_budget, cases, extras
-from hypothesis import given, settings
+from conftest import LOW_DTYPES, Case, assert_within_budget, cases, examples, extras
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dilattn
@@ -46,7 +46,7 @@ def test_math_backend_with_extras_matches_reference(data, case: Case, dtype: tor
     assert_within_budget(lse.to(dtype), baseline_lse, truth_lse)
 
 
-@settings(max_examples=8)
+@examples(8)
 @given(
     data=st.data(), case=cases(max_len=40), dtype=st.sampled_from([torch.float64, torch.float32])
 )
@@ -60,7 +60,7 @@ def test_flex_backend_with_extras_matches_reference(data, case: Case, dtype: tor
     assert_within_budget(out, _both(case, q, k, v, **kw), truth)
 
 
-@settings(max_examples=25)
+@examples(25)
 @given(data=st.data(), case=cases(max_len=32))
 def test_math_backend_gradients_with_extras_match_reference(data, case: Case) -> None:
     (q, k, v), _ = case.inputs(torch.float64, requires_grad=True)

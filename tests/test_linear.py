@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATOL, assert_within_budget
-from hypothesis import given, settings
+from conftest import ATOL, assert_within_budget, examples
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dilattn.linear import linear_attention
@@ -42,7 +42,7 @@ def _inputs(p: dict, dtype: torch.dtype = torch.float64, requires_grad: bool = F
     return qkv, kwargs
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(problems())
 def test_linear_attention_equals_the_dense_reference(p: dict) -> None:
     """Any chunk size, odd lengths, GQA, padding, offsets; outputs and float64 gradients."""

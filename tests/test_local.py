@@ -7,8 +7,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import LOW_DTYPES, Case, assert_within_budget, cases, check_block_mask, extras
-from hypothesis import given, settings
+from conftest import (
+    LOW_DTYPES,
+    Case,
+    assert_within_budget,
+    cases,
+    check_block_mask,
+    examples,
+    extras,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -76,7 +84,7 @@ def test_math_backend_with_extras_matches_reference(data, case: Case, win: Win, 
     assert_within_budget(lse.to(dtype), baseline_lse, truth_lse)
 
 
-@settings(max_examples=10)
+@examples(10)
 @given(
     data=st.data(),
     case=cases(max_len=40),
@@ -92,7 +100,7 @@ def test_flex_backend_with_extras_matches_reference(data, case: Case, win: Win, 
     assert_within_budget(out, _reference(case, win, q, k, v, **kw), truth)
 
 
-@settings(max_examples=15)
+@examples(15)
 @given(case=cases(max_len=32), win=windows())
 def test_math_backend_gradients_match_reference(case: Case, win: Win) -> None:
     (q, k, v), _ = case.inputs(torch.float64, requires_grad=True)
@@ -133,7 +141,7 @@ def test_window_block_mask_lists_only_the_window_at_a_million_tokens() -> None:
 # the local branch of dilated attention
 
 
-@settings(max_examples=15)
+@examples(15)
 @given(
     data=st.data(),
     case=cases(max_len=40),
@@ -152,7 +160,7 @@ def test_dilated_with_local_branch_matches_reference(data, case, local_window, d
         assert_within_budget(out, baseline, truth)
 
 
-@settings(max_examples=10)
+@examples(10)
 @given(case=cases(max_len=40), local_window=st.integers(1, 20))
 def test_dense_reference_and_one_line_mask_count_the_local_branch(case, local_window) -> None:
     (q, k, v), (q32, k32, v32) = case.inputs(torch.float32)
@@ -284,7 +292,7 @@ def _theirs(**kwargs):
     return la.LocalAttention(**kwargs)
 
 
-@settings(max_examples=30)
+@examples(30)
 @given(
     win=windows(),
     buckets=st.integers(1, 5),

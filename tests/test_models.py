@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_budget, module_reference, requires_cuda
-from hypothesis import given, settings
+from conftest import assert_within_budget, examples, module_reference, requires_cuda
+from hypothesis import given
 from hypothesis import strategies as st
 from test_modules import _copy_torch_weights
 from torch import Tensor, nn
@@ -139,7 +139,7 @@ def _assert_grads_close(out: Tensor, expected: Tensor, params: list[Tensor]) -> 
             torch.testing.assert_close(g, e)
 
 
-@settings(max_examples=12)
+@examples(12)
 @given(options=_OPTIONS, branches=_BRANCHES, S=st.integers(1, 30), extras=st.booleans())
 def test_lm_equals_a_hand_composed_stack_of_the_same_layers(
     options: dict, branches: tuple, S: int, extras: bool
@@ -162,7 +162,7 @@ def test_lm_equals_a_hand_composed_stack_of_the_same_layers(
     _assert_grads_close(logits, expected, list(model.parameters()))
 
 
-@settings(max_examples=6)
+@examples(6)
 @given(options=_OPTIONS, branches=_BRANCHES, S=st.integers(1, 25), T=st.integers(1, 25))
 def test_longnet_equals_a_hand_composed_stack_of_the_same_layers(
     options: dict, branches: tuple, S: int, T: int

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import module_reference
-from hypothesis import given, settings
+from conftest import examples, module_reference
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -259,7 +259,7 @@ _OPTIONS = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=15)
+@examples(15)
 @given(
     options=_OPTIONS,
     S=st.integers(1, 32),

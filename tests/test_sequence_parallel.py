@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Case, cases, run_ranks
-from hypothesis import given, settings
+from conftest import Case, cases, examples, run_ranks
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dilattn import DilatedConfig, dilated_attention
@@ -51,7 +51,7 @@ def test_gradients_reach_the_owners(case: Case, world: int) -> None:
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
-@settings(max_examples=5)  # eager flex on CPU is slow
+@examples(5)  # eager flex on CPU is slow
 @given(case=cases(max_len=32, same_lengths=True), world=st.integers(2, 4))
 def test_flex_backend_forward(case: Case, world: int) -> None:
     _, (q, k, v) = case.inputs(torch.float32)
