@@ -33,7 +33,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from dilattn import _sequence_parallel as sp
-from dilattn._checks import Shapes, check_attention_inputs, default_scale
+from dilattn._checks import Shapes, check_attention_inputs, default_scale, positive_ints
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.engines.blocks import cdiv
 from dilattn.functional import resolve_backend
@@ -158,7 +158,11 @@ def dilated_attention_parallel(
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference`` of the
     gathered sequence, cut to this rank's rows.
     """
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    config = DilatedConfig(
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+    )
     shapes, plan = _plan(
         config,
         query,
@@ -217,7 +221,11 @@ def exchanged_bytes(
 ) -> ExchangedBytes:
     """What :func:`dilated_attention_parallel` with these arguments sends and receives on this
     rank: the sizes of the tensors of its all-to-all (no communication happens here)."""
-    config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+    config = DilatedConfig(
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+    )
     shapes, plan = _plan(
         config,
         query,
@@ -258,7 +266,11 @@ class ParallelDilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_group(group)
-        self.config = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+        self.config = DilatedConfig(
+            positive_ints("segment_lengths", segment_lengths),
+            positive_ints("dilation_rates", dilation_rates),
+            head_offsets,
+        )
         self.group = group
         self.is_causal = is_causal
         self.scale = scale

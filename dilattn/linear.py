@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from dilattn._checks import check_attention_inputs, check_q_offset, positive_int
+from dilattn._checks import check_attention_inputs, check_bool, check_q_offset, positive_int
 from dilattn._varlen import check_variable_lengths
 
 __all__ = ["feature_map", "linear_attention"]
@@ -73,6 +73,7 @@ def linear_attention(
     """
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     chunk_size = positive_int("chunk_size", chunk_size)
+    is_causal = check_bool("is_causal", is_causal)
     q_offset = check_q_offset(q_offset)
     padding, _ = check_variable_lengths(
         key_padding_mask,

@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import (
     and_masks,
 )
 
-from dilattn._checks import as_device, check_score_mod
+from dilattn._checks import as_device, check_bool, check_score_mod, positive_ints
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.engines.blocks import block_mask_from_spans, union_spans, union_width
@@ -85,8 +85,12 @@ def dilated_mask_mod(
     (``(idx % w) % r == offset(h, r)``) or ``|q_idx - kv_idx| <= local_window``, and, when
     causal, ``kv_idx <= q_idx``. ``h`` is the query head; ``num_heads`` the number of query
     heads."""
+    check_bool("is_causal", is_causal)
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     count = _multiplicity_fn(config, num_heads)
 
@@ -109,7 +113,10 @@ def dilated_score_mod(
     """A flex ``score_mod`` adding ``log m(h, q_idx, kv_idx)``: the log of the number of branches
     (the local window included) in which the query sees the key (``-inf`` where none does)."""
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     count = _multiplicity_fn(config, num_heads)
 
@@ -218,8 +225,12 @@ def flex_mask(
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
+    check_bool("is_causal", is_causal)
     config = DilatedConfig(
-        tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+        positive_ints("segment_lengths", segment_lengths),
+        positive_ints("dilation_rates", dilation_rates),
+        head_offsets,
+        local_window,
     )
     kv_len = q_len if kv_len is None else kv_len
     for name, value in (

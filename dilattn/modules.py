@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import number_in, positive_int
+from dilattn._checks import check_bool, number_in, positive_int, positive_ints
 from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import BackendName, dilated_attention
@@ -53,9 +53,12 @@ class DilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.config = DilatedConfig(
-            tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+            positive_ints("segment_lengths", segment_lengths),
+            positive_ints("dilation_rates", dilation_rates),
+            head_offsets,
+            local_window,
         )
-        self.is_causal = is_causal
+        self.is_causal = check_bool("is_causal", is_causal)
         self.scale = scale
         self.enable_gqa = enable_gqa
         self.backend: BackendName = backend
@@ -212,12 +215,15 @@ class MultiheadDilatedAttention(nn.Module):
         if position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(f"position={position!r} needs an even head dim, got {self.head_dim}")
         self.config = DilatedConfig(
-            tuple(segment_lengths), tuple(dilation_rates), head_offsets, local_window
+            positive_ints("segment_lengths", segment_lengths),
+            positive_ints("dilation_rates", dilation_rates),
+            head_offsets,
+            local_window,
         )
         self.dropout = number_in("dropout", dropout, 0.0, 1.0)
         self.gamma_init = number_in("gamma_init", gamma_init, 0.0, math.inf, open_low=True)
         self.position: Position | None = position
-        self.is_causal = is_causal
+        self.is_causal = check_bool("is_causal", is_causal)
         self.backend: BackendName = backend
         self.rotary_base, self.xpos_scale_base = rotary_base, xpos_scale_base
         kv_dim = self.num_kv_heads * self.head_dim

@@ -480,3 +480,32 @@ def test_auto_backend_checks_head_dim_on_cuda() -> None:
 
     q = torch.randn(1, 1, 4, 8)
     assert resolve_backend("auto", q, q, q) == "math"  # CPU: math, any head dim
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda bad: dilattn.flex_mask([8], [1], q_len=8, num_heads=1, is_causal=bad),
+        lambda bad: dilattn.dilated_mask_mod([8], [1], num_heads=1, is_causal=bad),
+        lambda bad: dilattn.DilatedAttention([8], [1], is_causal=bad),
+        lambda bad: dilattn.MultiheadDilatedAttention(8, 2, [8], [1], is_causal=bad),
+        lambda bad: dilattn.linear_attention(*(torch.randn(1, 1, 4, 4),) * 3, is_causal=bad),
+    ],
+)
+def test_every_entry_point_refuses_a_non_bool_is_causal(build) -> None:
+    with pytest.raises(TypeError, match="is_causal must be a bool, got 'False'"):
+        build("False")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda bad: dilattn.flex_mask(bad, [1], q_len=8, num_heads=1),
+        lambda bad: dilattn.DilatedAttention(bad, [1]),
+        lambda bad: dilattn.MultiheadDilatedAttention(8, 2, bad, [1]),
+    ],
+)
+@pytest.mark.parametrize("bad", [None, 8])
+def test_every_entry_point_names_bad_segment_lengths(build, bad) -> None:
+    with pytest.raises(ValueError, match="segment_lengths must be a sequence of positive integers"):
+        build(bad)
