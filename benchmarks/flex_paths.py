@@ -1,4 +1,4 @@
-"""The compiled flex paths' probe (behind docs/benchmarks.md's session 4 numbers).
+"""The compiled flex paths' probe (behind the flex-path numbers of docs/benchmarks.md).
 
     python benchmarks/flex_paths.py       # on a CUDA machine; JSON to $OUT or /tmp
 

@@ -15,7 +15,7 @@ whose mask build time is noted) and ``mixed_lm`` (training steps of a whole LM w
 and global heads against ``linear-attention-transformer``: tokens/s and peak memory).
 Inputs rotate between several
 sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
-after warm-up; TFLOP/s count useful FLOPs (design.md §2) and are set against the bf16 matmul
+after warm-up; TFLOP/s count useful FLOPs (docs/maths.md) and are set against the bf16 matmul
 peak measured in the same run. ``--quick`` runs tiny sizes (CPU too) to prove it works.
 """
 

@@ -108,7 +108,7 @@ class DilatedConfig:
     ) -> float:
         """Useful FLOPs of one forward: ``sum_i 4 * B * H_i * S * min(w_i, S) * D / r_i**2``
         (``H_i`` the heads that compute branch ``i``), plus ``4 * B * H * S * min(2n + 1, S) * D``
-        for a local window ``n``, halved when causal (design.md, §2)."""
+        for a local window ``n``, halved when causal (docs/maths.md)."""
         heads = [sum(o >= 0 for o in offsets) for offsets in self.offsets(num_heads)]
         total = sum(
             4 * batch_size * h * seq_len * min(w, seq_len) * head_dim / r**2

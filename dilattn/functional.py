@@ -90,7 +90,8 @@ def dilated_attention(
         is_causal: mask keys after the query's position (key position <= query position).
         scale: score scale, default ``1 / sqrt(D)``.
         enable_gqa: allow ``H_kv < H`` (grouped-query attention).
-        return_lse: also return the merged log-sum-exp, float32 ``(B, H, S_q)``.
+        return_lse: also return the merged log-sum-exp ``(B, H, S_q)``, float32 (float64 for
+            float64 inputs).
         head_offsets: ``"cyclic"`` (``h % r``, the paper), ``"grouped"`` (torchscale's
             ``h // ceil(H / r)``) or ``"split"`` (each head computes one branch, as
             dilated-attention-pytorch; strided backend).

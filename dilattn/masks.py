@@ -2,7 +2,7 @@
 
 The merged result of all branches equals ONE softmax over all keys with the additive bias
 ``log m(h, p, p')``, where ``m`` counts the branches in which query ``p`` sees key ``p'``
-(design.md, section 2). So the union of the branch masks as ``mask_mod`` and ``+ log m`` as
+(docs/maths.md). So the union of the branch masks as ``mask_mod`` and ``+ log m`` as
 ``score_mod`` make a single ``flex_attention`` call exactly dilated attention.
 """
 

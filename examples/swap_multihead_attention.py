@@ -1,9 +1,9 @@
 """Swap ``nn.MultiheadAttention`` for ``dilattn.MultiheadDilatedAttention`` in a model.
 
 A small pre-norm encoder built on ``nn.MultiheadAttention(batch_first=True)`` gets every
-attention replaced, weights copied (``in_proj_weight``'s three chunks into ``q_proj``,
-``k_proj``, ``v_proj``). With ``segment_lengths=[S], dilation_rates=[1]`` the swapped model
-computes the same function; a real dilated configuration then trains as usual.
+attention replaced by ``MultiheadDilatedAttention.from_torch``, which copies its weights.
+With ``segment_lengths=[S], dilation_rates=[1]`` the swapped model computes the same
+function; a real dilated configuration then trains as usual.
 
     python examples/swap_multihead_attention.py
 """
@@ -45,47 +45,16 @@ class Encoder(nn.Module):
         return x
 
 
-def dilated_from_torch(
-    mha: nn.MultiheadAttention, segment_lengths: Sequence[int], dilation_rates: Sequence[int]
-) -> dilattn.MultiheadDilatedAttention:
-    """A ``MultiheadDilatedAttention`` with ``mha``'s weights (``batch_first=True`` only)."""
-    if not mha.batch_first or mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError("needs batch_first=True, no add_bias_kv and no add_zero_attn")
-    weight = mha.out_proj.weight
-    ours = dilattn.MultiheadDilatedAttention(
-        mha.embed_dim,
-        mha.num_heads,
-        segment_lengths,
-        dilation_rates,
-        dropout=mha.dropout,
-        bias=mha.in_proj_bias is not None,
-        kdim=mha.kdim,
-        vdim=mha.vdim,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    if mha.in_proj_weight is not None:
-        weights = mha.in_proj_weight.chunk(3)
-    else:
-        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-    biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)
-    projections = (ours.q_proj, ours.k_proj, ours.v_proj)
-    with torch.no_grad():
-        for proj, w, b in zip(projections, weights, biases, strict=True):
-            proj.weight.copy_(w)
-            if b is not None:
-                proj.bias.copy_(b)
-        ours.out_proj.load_state_dict(mha.out_proj.state_dict())
-    return ours
-
-
 def swap_attention(
     model: nn.Module, segment_lengths: Sequence[int], dilation_rates: Sequence[int]
 ) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` inside ``model`` (in place) and return it."""
     for name, child in model.named_children():
         if isinstance(child, nn.MultiheadAttention):
-            setattr(model, name, dilated_from_torch(child, segment_lengths, dilation_rates))
+            dilated = dilattn.MultiheadDilatedAttention.from_torch(
+                child, segment_lengths, dilation_rates
+            )
+            setattr(model, name, dilated)
         else:
             swap_attention(child, segment_lengths, dilation_rates)
     return model
