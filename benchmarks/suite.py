@@ -11,9 +11,11 @@ length that fits), ``peer`` (head-for-head against dilated-attention-pytorch 0.2
 through a compiled module: compile count, no eager flex) and ``local`` (causal local
 attention, window 512, one bucket back, H=8 D=64: dilattn's sliding and bucketed windows
 against the ``local-attention`` package and flex with a ``create_block_mask`` sliding window,
-whose mask build time is noted) and ``mixed_lm`` (training steps of a whole LM with local
-and global heads against ``linear-attention-transformer``: tokens/s and peak memory).
-Inputs rotate between several
+whose mask build time is noted), ``mixed_lm`` (training steps of a whole LM with local
+and global heads against ``linear-attention-transformer``: tokens/s and peak memory) and
+``features`` (every option a training run uses, at 128K and 1M: documents, padding, ALiBi,
+T5, ``q_offset``, GQA, a local window; the ratio to the plain call, useful TFLOP/s and the
+engine ``dilattn.explain`` names; not in the default list). Inputs rotate between several
 sets where memory allows, so the L2 cache holds no stale copy; times are CUDA-event medians
 after warm-up; TFLOP/s count useful FLOPs (docs/maths.md) and are set against the bf16 matmul
 peak measured in the same run. ``--quick`` runs tiny sizes (CPU too) to prove it works.

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,12 @@ class DilatedMask:
     is_causal: bool
     q_offset: int
     key_padding_mask: Tensor | None = None
+
+    ndim: ClassVar[int] = 4
+    """It stands for a 4-D mask. ``generate`` with a compileable cache (``StaticCache``,
+    ``cache_implementation="static"``) builds the masks before the forward and passes them
+    in as ``attention_mask``; transformers then reads ``attention_mask.ndim`` and hands a mask
+    that is not 2-D back to the mask builder, which returns it unchanged."""
 
     def visible(self, q_len: int, kv_len: int, device: torch.device) -> Tensor:
         """The same mask as a tensor: bool ``(B or 1, 1, S_q, S_kv)``, ``True`` = attend."""
@@ -196,18 +202,29 @@ def _mask_builder(
     q_offset: int | Tensor = 0,
     kv_offset: int = 0,
     mask_function: Callable[..., Any] = causal_mask_function,
-    attention_mask: Tensor | None = None,
+    attention_mask: Tensor | DilatedMask | None = None,
     **kwargs: Any,
 ) -> DilatedMask:
     """transformers' mask interface: the mask of every layer of a forward, as a DilatedMask.
 
-    ``attention_mask`` is the 2-D padding mask ``(B, >= S_kv)`` (``True`` = token).
+    ``attention_mask`` is the 2-D padding mask ``(B, >= S_kv)`` (``True`` = token), or the
+    DilatedMask this builder made for the same forward (``generate`` with a static cache
+    builds it ahead), returned as it is once its query offset is checked.
     """
     if kv_offset != 0:
         raise ValueError(
             f"keys must start at position 0, got kv_offset={kv_offset} (a sliding-window "
-            "cache): dilated attention replaces sliding windows"
+            "cache): dilated attention replaces sliding windows; use a cache whose keys "
+            "start at position 0 (cache_implementation='dynamic' or 'static', without "
+            "sliding-window layers)"
         )
+    if isinstance(attention_mask, DilatedMask):
+        if attention_mask.q_offset != int(q_offset):
+            raise ValueError(
+                f"the DilatedMask passed as attention_mask has q_offset={attention_mask.q_offset}"
+                f", but the cache puts the queries at {int(q_offset)}"
+            )
+        return attention_mask
     padding = None
     if attention_mask is not None:  # a static cache's mask is shorter than its keys
         short = max(kv_length - attention_mask.shape[-1], 0)
