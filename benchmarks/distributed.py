@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dilattn import DilatedConfig
-from dilattn._sequence_parallel import is_local
 from dilattn.distributed import dilated_attention_parallel, exchanged_bytes
+from dilattn.distributed.sequence_parallel import is_local
 
 PAPER = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -468,7 +468,8 @@ Impl = tuple[str, Callable[[list[Tensor]], Tensor], float, str]  # name, call, F
 
 def _local_impls(bench: Bench, S: int, W: int, H: int, D: int, peer: Any, flex: Any) -> list[Impl]:
     """The implementations of the ``local`` study at length ``S``, their masks built."""
-    from dilattn.engines.window import Window, window_block_mask
+    from dilattn.config import Window
+    from dilattn.engines.window import window_block_mask
 
     flops = {e: 4 * H * S * D * (W + (1 if e else (W + 1) / 2)) for e in (True, False)}
     impls: list[Impl] = []

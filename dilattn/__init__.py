@@ -26,7 +26,7 @@ attention. Global linear attention (Katharopoulos et al., 2020): :func:`linear_a
 Hugging Face models: :mod:`dilattn.integrations.transformers` (extra ``hf``) adds
 ``attn_implementation="dilated"``.
 
-Models (:mod:`dilattn.models`): :class:`LongNet` (encoder-decoder) and :class:`LongNetLM`
+Models (:mod:`dilattn.nn.models`): :class:`LongNet` (encoder-decoder) and :class:`LongNetLM`
 (decoder-only, with ``generate`` over a KV cache), configured by :class:`LongNetConfig`
 (per-layer head plans, reversible layers, chunked feed-forward).
 
@@ -44,16 +44,16 @@ from typing import TYPE_CHECKING
 # torch warns on import when numpy is missing; dilattn never needs numpy
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
-from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import dilated_attention, explain
 from dilattn.linear import linear_attention
 from dilattn.local import LocalAttention, local_attention
 from dilattn.masks import FlexMask, dilated_mask_mod, dilated_score_mod, flex_mask
 from dilattn.merge import merge_by_lse
-from dilattn.mixed import HeadCounts, MixedHeadAttention
-from dilattn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
-from dilattn.modules import DilatedAttention, MultiheadDilatedAttention, Position
+from dilattn.nn.cache import KVCache
+from dilattn.nn.mixed import HeadCounts, MixedHeadAttention
+from dilattn.nn.models import Activation, Block, FeedForward, LongNet, LongNetConfig, LongNetLM
+from dilattn.nn.modules import DilatedAttention, MultiheadDilatedAttention, Position
 from dilattn.positions import (
     T5RelativeBias,
     alibi_score_mod,

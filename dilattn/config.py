@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from dilattn._checks import positive_int, positive_ints
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import _mask_mod_signature
 
-__all__ = ["DilatedConfig", "HeadOffsets"]
+from dilattn._checks import non_negative_int, positive_int, positive_ints
+
+__all__ = ["DilatedConfig", "HeadOffsets", "Window", "make_window", "sliding_window"]
 
 HeadOffsets = Literal["cyclic", "grouped", "split"]
 """How head ``h`` of ``H`` picks its offset in a branch of rate ``r``.
@@ -118,3 +122,91 @@ class DilatedConfig:
             keys = min(2 * self.local_window + 1, seq_len)
             total += 4 * batch_size * num_heads * seq_len * keys * head_dim
         return total / 2 if is_causal else total
+
+
+class Window(NamedTuple):
+    """Which keys a query sees, by position (see the module docstring)."""
+
+    size: int
+    backward: int
+    forward: int
+    exact: bool
+    is_causal: bool
+
+    def keys(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """The visible key positions ``[lo, hi]`` of queries at positions ``p`` (ints >= 0)."""
+        if self.exact:
+            lo, hi = p - self.backward * self.size, p + self.forward * self.size
+        else:
+            bucket = torch.div(p, self.size, rounding_mode="floor")
+            lo = (bucket - self.backward) * self.size
+            hi = (bucket + self.forward + 1) * self.size - 1
+        return lo, torch.minimum(hi, p) if self.is_causal else hi
+
+    def queries(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """The positions ``[lo, hi]`` of the queries that see keys at positions ``p``."""
+        if self.exact:
+            lo, hi = p - self.forward * self.size, p + self.backward * self.size
+        else:
+            bucket = torch.div(p, self.size, rounding_mode="floor")
+            lo = (bucket - self.forward) * self.size
+            hi = (bucket + self.backward + 1) * self.size - 1
+        return torch.maximum(lo, p) if self.is_causal else lo, hi
+
+    def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
+        """Whether the query at ``q_pos`` sees the key at ``kv_pos`` (broadcast)."""
+        lo, hi = self.keys(q_pos)
+        return (kv_pos >= lo) & (kv_pos <= hi)
+
+    def span(self, rows: int, *, aligned: bool = False) -> int:
+        """At most how many consecutive key positions ``rows`` consecutive queries see (when
+        ``aligned``, queries starting at a position that is a multiple of ``rows``)."""
+        if self.exact:
+            return rows + (self.backward + self.forward) * self.size
+        if aligned and self.size % rows == 0:  # the queries lie in one bucket
+            return (1 + self.backward + self.forward) * self.size
+        buckets = (rows - 1) // self.size + 2 + self.backward + self.forward
+        return buckets * self.size
+
+    @property
+    def name(self) -> str:
+        kind = "sliding" if self.exact else "bucketed"
+        causal = "_causal" if self.is_causal else ""
+        return f"local_{kind}{causal}_w{self.size}_b{self.backward}_f{self.forward}"
+
+    def mask_mod(self, q_offset: int = 0) -> _mask_mod_signature:
+        """The window as a flex ``mask_mod`` on rows (query row ``q_idx`` at position
+        ``q_offset + q_idx``)."""
+
+        def local(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return self.visible(q_idx + q_offset, kv_idx)
+
+        local.__name__ = self.name
+        return local
+
+
+def sliding_window(n: int, is_causal: bool) -> Window:
+    """The local branch of a :class:`~dilattn.DilatedConfig`: ``|p - p'| <= n``."""
+    return Window(n, 1, 0 if is_causal else 1, True, is_causal)
+
+
+def make_window(
+    window_size: int,
+    *,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    exact_windowsize: bool = False,
+    is_causal: bool = False,
+) -> Window:
+    """The validated window; ``look_forward`` defaults to 0 when causal, else 1."""
+    look_forward = (0 if is_causal else 1) if look_forward is None else look_forward
+    window = Window(
+        positive_int("window_size", window_size),
+        non_negative_int("look_backward", look_backward),
+        non_negative_int("look_forward", look_forward),
+        bool(exact_windowsize),
+        bool(is_causal),
+    )
+    if is_causal and look_forward > 0:
+        raise ValueError(f"causal attention cannot look forward: got look_forward={look_forward}")
+    return window

@@ -11,11 +11,11 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._checks import check_bool, default_scale, number_in, positive_ints
 from dilattn._varlen import check_call, visibility_mask_mod
-from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.config import DilatedConfig, HeadOffsets, sliding_window
 from dilattn.engines import BackendName, Dispatch, dispatch, strided
 from dilattn.engines.flex_strided import Visibility, captures_tensors, flex_strided_attention
 from dilattn.engines.gather import Backend, PositionMods, branch_attention
-from dilattn.engines.window import sliding_window, window_attention
+from dilattn.engines.window import window_attention
 from dilattn.merge import merge_by_lse
 
 __all__ = ["BackendName", "dilated_attention", "explain", "resolve_backend"]

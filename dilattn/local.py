@@ -34,13 +34,13 @@ from torch.nn.attention.flex_attention import _score_mod_signature
 from dilattn._checks import (
     check_bool,
     default_scale,
-    non_negative_int,
     number_in,
     positive_int,
 )
 from dilattn._varlen import check_call, visibility_mask_mod
+from dilattn.config import make_window
 from dilattn.engines.gather import PositionMods
-from dilattn.engines.window import Window, window_attention
+from dilattn.engines.window import window_attention
 from dilattn.functional import BackendName, resolve_backend
 from dilattn.positions import rotary, xpos, xpos_limit
 
@@ -49,28 +49,6 @@ __all__ = ["SELF_SCORE", "LocalAttention", "local_attention"]
 SELF_SCORE = -5e4
 """The score ``shared_qk`` gives a query's own key (``local-attention``'s
 ``TOKEN_SELF_ATTN_VALUE``): the token sees itself only when it sees nothing else."""
-
-
-def make_window(
-    window_size: int,
-    *,
-    look_backward: int = 1,
-    look_forward: int | None = None,
-    exact_windowsize: bool = False,
-    is_causal: bool = False,
-) -> Window:
-    """The validated window; ``look_forward`` defaults to 0 when causal, else 1."""
-    look_forward = (0 if is_causal else 1) if look_forward is None else look_forward
-    window = Window(
-        positive_int("window_size", window_size),
-        non_negative_int("look_backward", look_backward),
-        non_negative_int("look_forward", look_forward),
-        bool(exact_windowsize),
-        bool(is_causal),
-    )
-    if is_causal and look_forward > 0:
-        raise ValueError(f"causal attention cannot look forward: got look_forward={look_forward}")
-    return window
 
 
 def local_attention(

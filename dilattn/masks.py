@@ -23,9 +23,9 @@ from torch.nn.attention.flex_attention import (
 
 from dilattn._checks import as_device, check_bool, check_score_mod, positive_ints
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
-from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.config import DilatedConfig, HeadOffsets, sliding_window
 from dilattn.engines.blocks import block_mask_from_spans, union_spans, union_width
-from dilattn.engines.window import sliding_window, window_spans, window_width
+from dilattn.engines.window import window_spans, window_width
 
 __all__ = ["FlexMask", "dilated_mask_mod", "dilated_score_mod", "flex_mask"]
 

@@ -47,8 +47,7 @@ from dilattn._checks import (
 )
 from dilattn._softmax import softmax_with_lse
 from dilattn._varlen import check_call
-from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.local import make_window
+from dilattn.config import DilatedConfig, HeadOffsets, make_window
 
 __all__ = [
     "branch_mask",

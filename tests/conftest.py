@@ -321,7 +321,7 @@ def run_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank of a sequence-parallel run in this process, the all-to-all done by split and
     cat: the whole ``(B, H, S, D_v)`` output and lse, differentiable like the real thing."""
-    from dilattn import _sequence_parallel as sp
+    from dilattn.distributed import sequence_parallel as sp
 
     S = query.shape[2]
     chunk = -(-S // world)

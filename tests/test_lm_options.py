@@ -12,9 +12,9 @@ from conftest import requires_cuda
 from torch import Tensor, nn
 
 from dilattn import LongNet, LongNetConfig, LongNetLM
-from dilattn._reversible import couple, couple_reversibly
-from dilattn.mixed import HeadCounts, MixedHeadAttention
-from dilattn.models import Block
+from dilattn.nn.mixed import HeadCounts, MixedHeadAttention
+from dilattn.nn.models import Block
+from dilattn.nn.reversible import couple, couple_reversibly
 
 TINY = {"d_model": 32, "num_heads": 4, "num_layers": 3, "ffn_dim": 48}
 BRANCHES = {"segment_lengths": (4, 8), "dilation_rates": (1, 2)}

@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 
 from dilattn import rotary
-from dilattn.mixed import MixedHeadAttention
+from dilattn.nn.mixed import MixedHeadAttention
 from dilattn.reference import (
     dilated_attention_reference,
     linear_attention_reference,

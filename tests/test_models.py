@@ -17,7 +17,7 @@ from test_modules import _copy_torch_weights
 from torch import Tensor, nn
 
 from dilattn import Block, KVCache, LongNet, LongNetConfig, LongNetLM
-from dilattn.models import _sample
+from dilattn.nn.models import _sample
 
 TINY = {"d_model": 32, "num_heads": 4, "num_layers": 2, "ffn_dim": 48}
 

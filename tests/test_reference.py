@@ -297,3 +297,50 @@ def test_empty_batch_heads_or_head_dim_raise(shape: tuple[int, ...], match: str)
     for reference in (dilated_attention_reference, dilated_attention_dense):
         with pytest.raises(ValueError, match=match):
             reference(q, q, q, [4], [1])
+
+
+def _imports(module: str) -> set[str]:
+    """The dilattn modules ``module`` imports, directly or through other dilattn modules
+    (package ``__init__`` files aside: importing any submodule runs ``dilattn/__init__``)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        spec = importlib.util.find_spec(todo.pop())
+        assert spec is not None and spec.origin is not None
+        for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                if name.startswith("dilattn.") and name not in seen and _is_module(name):
+                    seen.add(name)
+                    todo.append(name)
+    return seen
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # an attribute of a module, not a submodule
+        return False
+
+
+FAST_PATHS = (
+    "dilattn.engines",
+    "dilattn.functional",
+    "dilattn.local",
+    "dilattn.masks",
+    "dilattn.nn",
+)
+
+
+def test_the_reference_imports_nothing_from_the_fast_paths() -> None:
+    assert {m for m in _imports("dilattn.reference") if m.startswith(FAST_PATHS)} == set()

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dilattn import DilatedConfig, dilated_attention
-from dilattn import _sequence_parallel as sp
+from dilattn.distributed import sequence_parallel as sp
 
 
 def _config(case: Case) -> DilatedConfig:

@@ -20,7 +20,7 @@ chunks of ``C`` rows, ``L`` keys per chunk, ``D`` head dim.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,78 +28,12 @@ from einops import rearrange
 from torch import Tensor
 from torch.nn.attention.flex_attention import (
     BlockMask,
-    _mask_mod_signature,
 )
 
 from dilattn._softmax import softmax_with_lse
+from dilattn.config import Window
 from dilattn.engines.blocks import Spans, and_mask_mod, block_mask_from_spans, cdiv
 from dilattn.engines.gather import BLOCK_SIZE, NO_MODS, Backend, PositionMods, _run_flex
-
-
-class Window(NamedTuple):
-    """Which keys a query sees, by position (see the module docstring)."""
-
-    size: int
-    backward: int
-    forward: int
-    exact: bool
-    is_causal: bool
-
-    def keys(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """The visible key positions ``[lo, hi]`` of queries at positions ``p`` (ints >= 0)."""
-        if self.exact:
-            lo, hi = p - self.backward * self.size, p + self.forward * self.size
-        else:
-            bucket = torch.div(p, self.size, rounding_mode="floor")
-            lo = (bucket - self.backward) * self.size
-            hi = (bucket + self.forward + 1) * self.size - 1
-        return lo, torch.minimum(hi, p) if self.is_causal else hi
-
-    def queries(self, p: Tensor) -> tuple[Tensor, Tensor]:
-        """The positions ``[lo, hi]`` of the queries that see keys at positions ``p``."""
-        if self.exact:
-            lo, hi = p - self.forward * self.size, p + self.backward * self.size
-        else:
-            bucket = torch.div(p, self.size, rounding_mode="floor")
-            lo = (bucket - self.forward) * self.size
-            hi = (bucket + self.backward + 1) * self.size - 1
-        return torch.maximum(lo, p) if self.is_causal else lo, hi
-
-    def visible(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
-        """Whether the query at ``q_pos`` sees the key at ``kv_pos`` (broadcast)."""
-        lo, hi = self.keys(q_pos)
-        return (kv_pos >= lo) & (kv_pos <= hi)
-
-    def span(self, rows: int, *, aligned: bool = False) -> int:
-        """At most how many consecutive key positions ``rows`` consecutive queries see (when
-        ``aligned``, queries starting at a position that is a multiple of ``rows``)."""
-        if self.exact:
-            return rows + (self.backward + self.forward) * self.size
-        if aligned and self.size % rows == 0:  # the queries lie in one bucket
-            return (1 + self.backward + self.forward) * self.size
-        buckets = (rows - 1) // self.size + 2 + self.backward + self.forward
-        return buckets * self.size
-
-    @property
-    def name(self) -> str:
-        kind = "sliding" if self.exact else "bucketed"
-        causal = "_causal" if self.is_causal else ""
-        return f"local_{kind}{causal}_w{self.size}_b{self.backward}_f{self.forward}"
-
-    def mask_mod(self, q_offset: int = 0) -> _mask_mod_signature:
-        """The window as a flex ``mask_mod`` on rows (query row ``q_idx`` at position
-        ``q_offset + q_idx``)."""
-
-        def local(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return self.visible(q_idx + q_offset, kv_idx)
-
-        local.__name__ = self.name
-        return local
-
-
-def sliding_window(n: int, is_causal: bool) -> Window:
-    """The local branch of a :class:`~dilattn.DilatedConfig`: ``|p - p'| <= n``."""
-    return Window(n, 1, 0 if is_causal else 1, True, is_causal)
 
 
 def _axis_spans(

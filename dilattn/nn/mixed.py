@@ -19,7 +19,7 @@ from torch import Tensor
 from dilattn._checks import positive_int
 from dilattn.linear import linear_attention
 from dilattn.local import local_attention
-from dilattn.modules import MultiheadDilatedAttention
+from dilattn.nn.modules import MultiheadDilatedAttention
 
 __all__ = ["HeadCounts", "MixedHeadAttention", "check_head_counts"]
 

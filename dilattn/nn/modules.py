@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
 from dilattn._checks import check_bool, number_in, positive_int, positive_ints
-from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import BackendName, dilated_attention
+from dilattn.nn.cache import KVCache
 from dilattn.positions import T5RelativeBias, alibi_score_mod, rotary, xpos, xpos_limit
 
 __all__ = ["DilatedAttention", "MultiheadDilatedAttention", "Position"]

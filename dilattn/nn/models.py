@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dilattn._checks import number_in, positive_int, positive_ints
-from dilattn._reversible import Coupling, couple, couple_reversibly
-from dilattn.cache import KVCache
 from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.mixed import HeadCounts, MixedHeadAttention, check_head_counts
-from dilattn.modules import MultiheadDilatedAttention, Position
+from dilattn.nn.cache import KVCache
+from dilattn.nn.mixed import HeadCounts, MixedHeadAttention, check_head_counts
+from dilattn.nn.modules import MultiheadDilatedAttention, Position
+from dilattn.nn.reversible import Coupling, couple, couple_reversibly
 
 __all__ = ["Activation", "Block", "FeedForward", "LongNet", "LongNetConfig", "LongNetLM"]
 

@@ -32,9 +32,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from dilattn import _sequence_parallel as sp
 from dilattn._checks import Shapes, check_attention_inputs, default_scale, positive_ints
 from dilattn.config import DilatedConfig, HeadOffsets
+from dilattn.distributed import sequence_parallel as sp
 from dilattn.engines.blocks import cdiv
 from dilattn.functional import resolve_backend
 
