@@ -201,15 +201,63 @@ def test_decoding_with_a_cache_gives_the_full_forward(cache: str, padded: bool) 
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real])
 
 
-def test_generate_runs_and_equals_sdpa_for_one_dense_branch() -> None:
-    model = tiny_llama("dilated", [64], [1])
-    ids = torch.randint(0, VOCAB, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    ours = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    model.set_attn_implementation("sdpa")
-    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert torch.equal(ours, theirs)
+def generate_greedy(
+    model: LlamaForCausalLM, attn: str, cache: str, new_tokens: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` on a fixed batch of two 9-token prompts, the second left-padded,
+    with a ``"dynamic"`` cache, ``cache_implementation="static"`` or a ``StaticCache`` (longer
+    than the text): the tokens and the logits of every step ``(steps, B, vocab)``."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    options: dict[str, Any] = {}
+    if cache == "static":
+        options["cache_implementation"] = "static"
+    elif cache == "StaticCache":
+        options["past_key_values"] = StaticCache(config=model.config, max_cache_len=24)
+    model.set_attn_implementation(attn)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **options,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    ("branches", "cache"),
+    [
+        ("dense", "dynamic"),
+        ("dense", "static"),
+        ("dense", "StaticCache"),
+        ("dilated", "static"),
+        ("dilated", "StaticCache"),
+    ],
+)
+def test_generate_equals_the_dynamic_cache_and_sdpa_for_one_dense_branch(
+    branches: str, cache: str
+) -> None:
+    """Greedy ``generate`` with the cache: the tokens (and logits) of the dynamic cache;
+    with one dense branch also those of SDPA (full attention). 9 + 8 tokens span several
+    segments of ``[4, 8]``, so the dilated model differs from full attention."""
+    dense = branches == "dense"
+    model = tiny_llama("dilated", *(([64], [1]) if dense else ([4, 8], [1, 3])))
+    tokens, logits = generate_greedy(model, "dilated", cache)
+    want, want_logits = generate_greedy(model, "dilated", "dynamic")
+    sdpa, sdpa_logits = generate_greedy(model, "sdpa", "dynamic")
+    assert torch.equal(tokens, want)
+    torch.testing.assert_close(logits, want_logits)
+    if dense:
+        assert torch.equal(tokens, sdpa)
+        torch.testing.assert_close(logits, sdpa_logits)
+    else:
+        assert not torch.allclose(logits, sdpa_logits)  # the branches do change the model
 
 
 class Layer(nn.Module):
@@ -338,6 +386,19 @@ def test_mask_builder(mask_function: Any, kv_offset: int, expected: bool | str) 
     mask = builder(**args, mask_function=mask_function, attention_mask=tokens)
     assert mask.is_causal and mask.q_offset == 5
     assert torch.equal(mask.key_padding_mask, ~tokens)
+
+
+def test_mask_builder_returns_a_prebuilt_mask_for_the_same_queries() -> None:
+    """``generate`` with a static cache builds the DilatedMask before the forward and passes it
+    in: transformers hands it back to the builder (it is not 2-D), which returns it as it is,
+    if the cache's query offset (a tensor for a static cache) is the mask's."""
+    prebuilt = DilatedMask(True, 5, torch.zeros(2, 9, dtype=torch.bool))
+    assert prebuilt.ndim == 4
+    builder = AttentionMaskInterface()["dilated"]
+    args = {"batch_size": 2, "q_length": 4, "kv_length": 9, "attention_mask": prebuilt}
+    assert builder(**args, q_offset=torch.tensor(5)) is prebuilt
+    with pytest.raises(ValueError, match="q_offset=5, but the cache puts the queries at 3"):
+        builder(**args, q_offset=3)
 
 
 def test_packed_sequences_are_refused() -> None:

@@ -30,6 +30,12 @@ Masks. Dilated attention honours causal or full attention plus key padding, noth
   attention with key padding; the query offset is read from the mask;
 * ``None``: no padding, queries at the last ``S_q`` key positions (as with a KV cache).
 
+Caches. Dynamic and static caches (``cache_implementation="static"`` or a ``StaticCache``)
+give the same tokens. With a static cache, ``generate`` builds each step's mask before the
+forward and passes it in as ``attention_mask``: a ``DilatedMask`` says it is 4-D (``ndim``),
+so transformers hands it back to the mask builder, which checks its query offset against the
+cache's and returns it; the cache's empty slots are padding keys.
+
 Refused with a ``ValueError``: other masks, keys that do not start at position 0
 (sliding-window caches), and the layer options ``sliding_window``, ``softcap``, attention
 sinks (``s_aux``), ``position_bias`` and packed ``cu_seq_lens_*``, ``output_attentions``.
@@ -52,8 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.functional import dilated_attention
+from dilattn import DilatedConfig, HeadOffsets, dilated_attention
 
 try:
     import transformers
