@@ -61,7 +61,9 @@ def test_flex_backend_forward(case: Case, world: int) -> None:
     torch.testing.assert_close(out, _single_device(case, q, k, v)[0])
 
 
-def _plans(config: DilatedConfig, *, world: int, chunk: int, heads: int = 2, **kw) -> list[sp.Plan]:
+def _plans(
+    config: DilatedConfig, *, world: int, chunk: int, heads: int = 2, **kw
+) -> list[sp.RankPlan]:
     return [
         sp.plan(
             config,

@@ -88,7 +88,7 @@ def _plan(
     seq_len: int | None,
     is_causal: bool,
     enable_gqa: bool,
-) -> tuple[Shapes, sp.Plan]:
+) -> tuple[Shapes, sp.RankPlan]:
     shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     if shapes.q_len != shapes.kv_len:
         raise ValueError(

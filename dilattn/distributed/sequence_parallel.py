@@ -33,13 +33,13 @@ from torch import Tensor
 
 from dilattn.config import DilatedConfig
 from dilattn.engines.blocks import cdiv
-from dilattn.engines.gather import Backend, _gather, attend_compact, layout, merge_rows
+from dilattn.engines.gather import Backend, _gather, attend_compact, layout, merge_compact
 from dilattn.functional import dilated_attention
 from dilattn.merge import merge_by_lse
 
 
-class Rows(NamedTuple):
-    """Rows of a rank's ``(B, H, C, D)`` tensor: ``x[:, heads[i], positions[i]]``, ``(R,)``
+class RankRows(NamedTuple):
+    """RankRows of a rank's ``(B, H, C, D)`` tensor: ``x[:, heads[i], positions[i]]``, ``(R,)``
     each."""
 
     heads: Tensor
@@ -50,23 +50,23 @@ class SpanningBranch(NamedTuple):
     """One spanning branch as one rank computes it."""
 
     q_index: Tensor  # (N, H, M_q) local positions of the compact queries, clamped into [0, C)
-    q_target: Tensor  # (N, H, M_q) their rows in Plan.targets; padding rows: len(targets)
+    q_target: Tensor  # (N, H, M_q) their rows in RankPlan.targets; padding rows: len(targets)
     q_start: Tensor  # (N, H) compact row (in its segment) of the first query of this rank
     kv_index: Tensor  # (N, Hc, M) rows of the pool holding the compact keys/values
     kv_count: Tensor  # (N, H) int32: compact keys [0, kv_count) are real
 
 
-class Plan(NamedTuple):
+class RankPlan(NamedTuple):
     """What one rank computes and exchanges, for one configuration and one set of shapes."""
 
     local: tuple[int, ...]  # indices of the local branches
     spanning: tuple[SpanningBranch, ...]  # the spanning branches this rank has queries in
     exchange: bool  # some branch spans ranks: every rank takes part in the all-to-all
-    send: Rows  # rows to send, grouped by destination rank
+    send: RankRows  # rows to send, grouped by destination rank
     send_splits: tuple[int, ...]  # (W,) rows sent to each rank
     recv_splits: tuple[int, ...]  # (W,) rows received from each rank
-    pool_local: Rows  # this rank's rows at the head of the pool
-    targets: Rows  # the (head, position) query rows some spanning branch writes, sorted
+    pool_local: RankRows  # this rank's rows at the head of the pool
+    targets: RankRows  # the (head, position) query rows some spanning branch writes, sorted
     valid: int  # positions of this rank before the sequence end (C less padding)
 
 
@@ -138,9 +138,9 @@ def _view(
     )
 
 
-def _rows(ids: Tensor, chunk: int) -> Rows:
-    """Local row ids ``kv_head * C + position`` as :class:`Rows`."""
-    return Rows(heads=ids // chunk, positions=ids % chunk)
+def _rows(ids: Tensor, chunk: int) -> RankRows:
+    """Local row ids ``kv_head * C + position`` as :class:`RankRows`."""
+    return RankRows(heads=ids // chunk, positions=ids % chunk)
 
 
 @functools.lru_cache(maxsize=64)
@@ -155,8 +155,8 @@ def plan(
     seq_len: int,
     is_causal: bool,
     device: torch.device,
-) -> Plan:
-    """The :class:`Plan` of rank ``rank`` of ``world`` (cached). Every rank derives every
+) -> RankPlan:
+    """The :class:`RankPlan` of rank ``rank`` of ``world`` (cached). Every rank derives every
     rank's needs from the same arguments, so what a rank sends is what its peers expect."""
     offsets = config.offsets(num_heads)
     local = tuple(b for b, w in enumerate(config.segment_lengths) if is_local(w, chunk, seq_len))
@@ -210,7 +210,7 @@ def plan(
                 )
             )
         remote_owner = remote // per_rank
-        return Plan(
+        return RankPlan(
             local=local,
             spanning=tuple(branches),
             exchange=bool(spanning),
@@ -223,7 +223,7 @@ def plan(
         )
 
 
-def take_rows(key: Tensor, value: Tensor, rows: Rows) -> Tensor:
+def take_rows(key: Tensor, value: Tensor, rows: RankRows) -> Tensor:
     """``key`` ``(B, H_kv, C, D)`` and ``value`` ``(B, H_kv, C, D_v)`` rows side by side:
     ``(R, B, D + D_v)``, the layout the all-to-all splits."""
     picked = [x.permute(1, 2, 0, 3)[rows.heads, rows.positions] for x in (key, value)]
@@ -236,7 +236,7 @@ def attend_chunk(
     value: Tensor,
     received: Tensor,
     config: DilatedConfig,
-    plan: Plan,
+    plan: RankPlan,
     *,
     is_causal: bool,
     scale: float,
@@ -244,7 +244,7 @@ def attend_chunk(
     backend: Backend | Literal["strided"],
 ) -> tuple[Tensor, Tensor]:
     """This rank's dilated attention, ``(B, H, C, D_v)`` and lse ``(B, H, C)``, given the rows
-    ``received`` ``(R, B, D + D_v)`` from its peers (as :attr:`Plan.recv_splits` says)."""
+    ``received`` ``(R, B, D + D_v)`` from its peers (as :attr:`RankPlan.recv_splits` says)."""
     B, H, C, D = query.shape
     work = torch.float64 if query.dtype == torch.float64 else torch.float32
     if plan.local and plan.valid:
@@ -290,7 +290,7 @@ def attend_chunk(
             backend=gathered,  # gathered rows: no strided views
             q_start=branch.q_start.repeat(B, 1),
         )
-        merge_rows(span_out, span_lse, branch.q_target, o_rows, lse_rows)
+        merge_compact(span_out, span_lse, branch.q_target, o_rows, lse_rows)
     # ... which then merges into those rows of the local result
     rows = (slice(None), plan.targets.heads, plan.targets.positions)
     merged_out, merged_lse = merge_by_lse(

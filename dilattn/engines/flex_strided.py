@@ -128,7 +128,7 @@ class Geometry(NamedTuple):
     rows: int
 
 
-def _index_layout(query: Tensor) -> strided.Layout:
+def _index_layout(query: Tensor) -> strided.TensorLayout:
     """A dense ``(B, H, S, 1)`` layout with the dim order of ``query``: folded like the real
     tensors, its element addresses decode back to ``(b, h, s)``."""
     B, H, S = query.shape[:3]
@@ -143,7 +143,7 @@ def _index_layout(query: Tensor) -> strided.Layout:
 
 
 @functools.lru_cache(maxsize=1024)
-def _geometry(spec: strided.Spec, index: strided.Layout, device: torch.device) -> Geometry:
+def _geometry(spec: strided.Spec, index: strided.TensorLayout, device: torch.device) -> Geometry:
     """Decode the view ``spec`` of the index layout into batch rows, heads and positions
     (cached: a plan's views repeat every call)."""
     (X, G, M, _), (sx, sg, sm, _), offset = spec
@@ -348,7 +348,7 @@ def _forward(
                     q, k, v = (x.requires_grad_() for x in (q, k, v))
                 o, l = _attend(q, k, v, block_mask, scale, score_mod)
             acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
-            strided._merge_rows(acc, acc_lse, o.detach(), l.detach(), call.writes)
+            strided._merge_into(acc, acc_lse, o.detach(), l.detach(), call.writes)
             if keep:
                 writes = (call.writes, call.writes_kv)
                 kept.append(_Call(specs, writes, (q, k, v), (o, l)))

@@ -121,7 +121,7 @@ class PositionMods(NamedTuple):
 NO_MODS = PositionMods()
 
 
-class Layout(NamedTuple):
+class CompactRows(NamedTuple):
     """Where one branch's compact rows come from, for given lengths."""
 
     q_index: Tensor  # (N, H, M) query rows of compact queries, clamped into [0, S_q)
@@ -152,7 +152,7 @@ def layout(
     kv_len: int,
     q_offset: int,
     device: torch.device,
-) -> Layout:
+) -> CompactRows:
     """The compact layout of branch ``(w, r)`` over the segments holding a query (query row
     ``i`` at position ``q_offset + i``); ``group`` query heads share a key/value head."""
     w = min(w, max(q_offset + q_len, kv_len))  # a longer segment holds the same positions
@@ -166,7 +166,7 @@ def layout(
     kv_heads = torch.arange(len(offsets) // group if shared else len(offsets), device=device)
     kv_offsets = q_offsets[::group] if shared else q_offsets
     kv_pos, _ = _positions(kv_offsets, w, r, first, segments, rows)
-    return Layout(
+    return CompactRows(
         q_index=q_row.clamp(0, q_len - 1),
         q_target=torch.where(q_real, q_row, q_len),
         kv_heads=kv_heads if shared else kv_heads // group,
@@ -177,7 +177,7 @@ def layout(
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_layout(*args: Any) -> Layout:
+def _cached_layout(*args: Any) -> CompactRows:
     with torch.inference_mode(False):  # usable later with autograd too
         return layout(*args)
 
@@ -206,7 +206,9 @@ def _gather(x: Tensor, heads: Tensor, index: Tensor) -> Tensor:
     return rearrange(rows, "b n h m d -> (b n) h m d")
 
 
-def _compact_mods(mods: PositionMods, lay: Layout, q_offset: int, num_heads: int) -> PositionMods:
+def _compact_mods(
+    mods: PositionMods, lay: CompactRows, q_offset: int, num_heads: int
+) -> PositionMods:
     """``mods`` called on compact indices ``(b*N + n, h, m, m')``: each index is mapped back to
     the batch row ``b`` and to the positions of the query and the key (clamped into the
     sequences, so padding rows index safely; they are masked anyway)."""
@@ -435,7 +437,7 @@ def attend_compact(
     return _math_attention(q, k, v, kv_count, is_causal, scale, mods, dropout_p, q_start)
 
 
-def merge_rows(
+def merge_compact(
     out: Tensor, lse: Tensor, q_target: Tensor, o_rows: Tensor, lse_rows: Tensor
 ) -> None:
     """Merge compact results ``(B*N, H, M, D_v)`` and lse ``(B*N, H, M)`` in place into the rows
@@ -501,5 +503,5 @@ def branch_attention(
             dropout_p=dropout_p,
             block_mask=block_mask,
         )
-        merge_rows(out, lse, lay.q_target, o_rows, lse_rows)
+        merge_compact(out, lse, lay.q_target, o_rows, lse_rows)
     return out[:, :, :q_len].to(query.dtype), lse[:, :, :q_len]

@@ -63,7 +63,7 @@ def _merge_kernel(
     tl.store(lse_ptrs, new_lse, mask=row_ok)
 
 
-def merge_rows_(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
+def merge_into_(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
     """``acc`` ``(X, Y, M, D)``, ``acc_lse`` ``(X, Y, M)`` absorb ``out``/``lse`` (same shapes,
     any strides, last dim contiguous) in place; ``write`` overwrites them."""
     X, Y, M, D = acc.shape

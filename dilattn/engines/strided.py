@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dilattn._softmax import softmax_with_lse
+from dilattn.merge import merge_by_lse
 
 __all__ = ["Call", "plan", "strided_attention", "supports"]
 
@@ -178,7 +179,7 @@ def plan(
 
 Spec = tuple[tuple[int, ...], tuple[int, ...], int]  # as_strided's size, stride, offset
 Dim = tuple[int, int]  # (size, stride)
-Layout = tuple[tuple[int, ...], tuple[int, ...], bool]  # shape, strides, indexed by kv heads
+TensorLayout = tuple[tuple[int, ...], tuple[int, ...], bool]  # shape, strides, indexed by kv heads
 
 
 def _join(outer: Dim, inner: Dim) -> Dim | None:
@@ -207,7 +208,7 @@ def _fold(dims: list[Dim], offset: int, mode: int | None) -> list[Spec] | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _specs(call: Call, layouts: tuple[Layout, ...]) -> tuple[tuple[Spec, ...], ...]:
+def _specs(call: Call, layouts: tuple[TensorLayout, ...]) -> tuple[tuple[Spec, ...], ...]:
     """For one call, per batch piece, the view of each tensor (given as ``(B, H, S, *)``
     layouts); every tensor folds the same way so that their dims line up."""
     views = []
@@ -229,7 +230,7 @@ def _specs(call: Call, layouts: tuple[Layout, ...]) -> tuple[tuple[Spec, ...], .
     raise AssertionError("unreachable: the per-batch fold is always a view")
 
 
-def _layout(x: Tensor, by_kv: bool) -> Layout:
+def _layout(x: Tensor, by_kv: bool) -> TensorLayout:
     return (tuple(x.shape), tuple(x.stride()), by_kv)
 
 
@@ -356,25 +357,20 @@ def _add_rows(target: Tensor, piece: Tensor, write: bool) -> None:
         target.add_(piece)
 
 
-def _merge_rows(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
+def _merge_into(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: bool) -> None:
     """``acc`` ``(X, G, M, D)`` and ``acc_lse`` ``(X, G, M)`` (views of the result) absorb
     one call's ``out``/``lse`` by log-sum-exp, in place (``write``: overwrite)."""
     if acc.is_cuda:
-        from dilattn.engines.merge_kernels import merge_rows_
+        from dilattn.engines.merge_kernels import merge_into_
 
-        merge_rows_(acc, acc_lse, out, lse, write)
+        merge_into_(acc, acc_lse, out, lse, write)
     elif write:
         acc.copy_(out)
         acc_lse.copy_(lse)
-    else:  # the kernel's arithmetic in torch ops: float32, rows that saw nothing stay 0
-        top = torch.maximum(acc_lse, lse)
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        w_old, w_new = (acc_lse - top).exp(), (lse - top).exp()
-        total = w_old + w_new
-        safe = torch.where(total == 0, torch.ones_like(total), total)
-        merged = acc.to(total.dtype) * (w_old / safe).unsqueeze(-1)
-        acc.copy_(merged.addcmul_(out.to(total.dtype), (w_new / safe).unsqueeze(-1)))
-        acc_lse.copy_(torch.where(total == 0, -torch.inf, top + safe.log()))
+    else:  # off CUDA: the one torch-op merge
+        merged, merged_lse = merge_by_lse([acc, out], [acc_lse, lse], out_dtype=acc.dtype)
+        acc.copy_(merged)
+        acc_lse.copy_(merged_lse)
 
 
 def _forward(
@@ -390,7 +386,7 @@ def _forward(
     for call in plan.calls:
         for specs in _specs(call, layouts):
             q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
-            _merge_rows(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
+            _merge_into(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
     return out, lse
 
 
