@@ -54,13 +54,20 @@ def test_forward_and_backward(case: Case, backend: str, dtype: torch.dtype) -> N
     truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
     baseline, base_lse = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
     assert_within_budget(out, baseline, truth)
-    grad, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-    covered = truth_lse.isfinite()
-    loss = lambda o, l: (o * grad.to(o.dtype)).sum() + (l.where(covered, 0) * grad_lse).sum()
-    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
-    truths = torch.autograd.grad(loss(truth, truth_lse), (q64, k64, v64))
-    baselines = torch.autograd.grad(loss(baseline, base_lse), (qb, kb, vb))
-    for g, b, t in zip(grads, baselines, truths, strict=True):
+    results = ((out, lse, (q, k, v)), (truth, truth_lse, (q64, k64, v64)))
+    _check_gradients(*results, (baseline, base_lse, (qb, kb, vb)), torch.randn_like(out))
+
+
+def _check_gradients(ours, truth, baseline, grad: torch.Tensor) -> None:
+    """Gradients through the output and the lse (on rows the float64 result covers) of
+    ``ours``, ``truth`` and ``baseline``, each ``(out, lse, inputs)``, within budget."""
+    grad_lse, covered = torch.randn_like(truth[1].float()), truth[1].isfinite()
+
+    def grads(out, lse, inputs):
+        loss = (out * grad.to(out.dtype)).sum() + (lse.where(covered, 0) * grad_lse).sum()
+        return torch.autograd.grad(loss, inputs)
+
+    for g, b, t in zip(grads(*ours), grads(*baseline), grads(*truth), strict=True):
         assert_within_budget(g, b, t, factor=4.0)
 
 
@@ -420,12 +427,6 @@ def test_flex_engine_on_strided_views_forward_and_backward(options, is_causal) -
     truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
     base, base_lse = dilated_attention_reference(qb, kb, vb, *args, **kwargs)
     assert_within_budget(out, base, truth)
-    grad = torch.randn(B, S, H, D, device="cuda").transpose(1, 2)
-    covered = truth_lse.isfinite()
-    grad_lse = torch.randn_like(lse)
-    loss = lambda o, l: (o * grad.to(o.dtype)).sum() + (l.where(covered, 0) * grad_lse).sum()
-    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
-    truths = torch.autograd.grad(loss(truth, truth_lse), (q64, k64, v64))
-    bases = torch.autograd.grad(loss(base, base_lse), (qb, kb, vb))
-    for g, b, t in zip(grads, bases, truths, strict=True):
-        assert_within_budget(g, b, t, factor=4.0)
+    grad = torch.randn(B, S, H, D, device="cuda").transpose(1, 2)  # not contiguous
+    results = ((out, lse, (q, k, v)), (truth, truth_lse, (q64, k64, v64)))
+    _check_gradients(*results, (base, base_lse, (qb, kb, vb)), grad)
