@@ -686,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-len", type=int, default=1 << 20, help="longest S of the studies")
+    parser.add_argument("--min-len", type=int, default=0, help="shortest S of the features study")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     quick, device = args.quick, torch.device(args.device)
@@ -729,13 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         elif study == "mixed_lm":
             study_mixed_lm(bench, [128, 256] if quick else [8192, 32768])
         elif study == "features":
-            study_features(
-                bench,
-                Setup(
-                    [256, 512] if quick else [x for x in (1 << 17, 1 << 20) if x <= args.max_len],
-                    config=small if quick else DilatedConfig(*PAPER),
-                ),
-            )
+            sizes = [x for x in (1 << 17, 1 << 20) if args.min_len <= x <= args.max_len]
+            config = small if quick else DilatedConfig(*PAPER)
+            study_features(bench, Setup([256, 512] if quick else sizes, config=config))
         elif study == "local":
             study_local(bench, [64, 256] if quick else lens)
         elif study in setups:
