@@ -76,6 +76,23 @@ class DilatedConfig:
         object.__setattr__(self, "segment_lengths", segments)
         object.__setattr__(self, "dilation_rates", rates)
 
+    @classmethod
+    def of(
+        cls,
+        segment_lengths: object,
+        dilation_rates: object,
+        head_offsets: HeadOffsets = "cyclic",
+        local_window: int | None = None,
+    ) -> DilatedConfig:
+        """The configuration from any sequences of integers (lists, ranges, tensors); a bad
+        one raises ``ValueError`` naming its argument."""
+        return cls(
+            positive_ints("segment_lengths", segment_lengths),
+            positive_ints("dilation_rates", dilation_rates),
+            head_offsets,
+            local_window,
+        )
+
     @property
     def branches(self) -> tuple[tuple[int, int], ...]:
         """The branches as ``(segment_length, dilation_rate)`` pairs."""

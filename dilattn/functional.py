@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import check_bool, default_scale, number_in, positive_ints
+from dilattn._checks import check_bool, default_scale, number_in
 from dilattn._varlen import check_call, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets, sliding_window
 from dilattn.engines import BackendName, Dispatch, dispatch, strided
@@ -227,9 +227,9 @@ def _prepare(
     dropout_p: float,
     local_window: int | None,
 ) -> _Call:
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )

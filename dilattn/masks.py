@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import (
     and_masks,
 )
 
-from dilattn._checks import as_device, check_bool, check_score_mod, positive_ints
+from dilattn._checks import as_device, check_bool, check_score_mod
 from dilattn._varlen import check_variable_lengths, visibility_mask_mod
 from dilattn.config import DilatedConfig, HeadOffsets, sliding_window
 from dilattn.engines.blocks import block_mask_from_spans, union_spans, union_width
@@ -86,9 +86,9 @@ def dilated_mask_mod(
     causal, ``kv_idx <= q_idx``. ``h`` is the query head; ``num_heads`` the number of query
     heads."""
     check_bool("is_causal", is_causal)
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )
@@ -112,9 +112,9 @@ def dilated_score_mod(
 ) -> _score_mod_signature:
     """A flex ``score_mod`` adding ``log m(h, q_idx, kv_idx)``: the log of the number of branches
     (the local window included) in which the query sees the key (``-inf`` where none does)."""
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )
@@ -226,9 +226,9 @@ def flex_mask(
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
     check_bool("is_causal", is_causal)
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )

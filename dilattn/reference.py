@@ -43,7 +43,6 @@ from dilattn._checks import (
     as_device,
     check_bool,
     default_scale,
-    positive_ints,
 )
 from dilattn._softmax import softmax_with_lse
 from dilattn._varlen import check_call
@@ -168,9 +167,9 @@ def multiplicity(
     """``m(h, p, p')``: in how many branches (the local one included) query ``p`` sees key
     ``p'``; int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
     check_bool("is_causal", is_causal)
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )
@@ -303,9 +302,9 @@ def dilated_attention_reference(
         rows that see no key give 0 (and ``L = -inf``).
     """
     check_bool("is_causal", is_causal)
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
         local_window,
     )

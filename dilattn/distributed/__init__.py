@@ -32,7 +32,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from dilattn._checks import Shapes, check_attention_inputs, default_scale, positive_ints
+from dilattn._checks import Shapes, check_attention_inputs, default_scale
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.distributed import sequence_parallel as sp
 from dilattn.engines.blocks import cdiv
@@ -158,9 +158,9 @@ def dilated_attention_parallel(
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference`` of the
     gathered sequence, cut to this rank's rows.
     """
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
     )
     shapes, plan = _plan(
@@ -221,9 +221,9 @@ def exchanged_bytes(
 ) -> ExchangedBytes:
     """What :func:`dilated_attention_parallel` with these arguments sends and receives on this
     rank: the sizes of the tensors of its all-to-all (no communication happens here)."""
-    config = DilatedConfig(
-        positive_ints("segment_lengths", segment_lengths),
-        positive_ints("dilation_rates", dilation_rates),
+    config = DilatedConfig.of(
+        segment_lengths,
+        dilation_rates,
         head_offsets,
     )
     shapes, plan = _plan(
@@ -266,9 +266,9 @@ class ParallelDilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_group(group)
-        self.config = DilatedConfig(
-            positive_ints("segment_lengths", segment_lengths),
-            positive_ints("dilation_rates", dilation_rates),
+        self.config = DilatedConfig.of(
+            segment_lengths,
+            dilation_rates,
             head_offsets,
         )
         self.group = group

@@ -336,7 +336,7 @@ def register(
         raise ValueError(f"backend must be 'auto', 'flex' or 'math', got {backend!r}")
     default = None
     if segment_lengths is not None and dilation_rates is not None:
-        default = DilatedConfig(tuple(segment_lengths), tuple(dilation_rates), head_offsets)
+        default = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets)
 
     def attention(
         module: nn.Module,

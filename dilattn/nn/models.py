@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dilattn._checks import number_in, positive_int, positive_ints
+from dilattn._checks import number_in, positive_int
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.nn.cache import KVCache
 from dilattn.nn.mixed import HeadCounts, MixedHeadAttention, check_head_counts
@@ -70,9 +70,9 @@ class LongNetConfig:
     ff_chunks: int = 1  # feed-forward over this many sequence chunks, each recomputed in backward
 
     def __post_init__(self) -> None:
-        branches = DilatedConfig(
-            positive_ints("segment_lengths", self.segment_lengths),
-            positive_ints("dilation_rates", self.dilation_rates),
+        branches = DilatedConfig.of(
+            self.segment_lengths,
+            self.dilation_rates,
             self.head_offsets,
         )
         object.__setattr__(self, "segment_lengths", branches.segment_lengths)

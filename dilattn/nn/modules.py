@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import check_bool, number_in, positive_int, positive_ints
+from dilattn._checks import check_bool, number_in, positive_int
 from dilattn.config import DilatedConfig, HeadOffsets
 from dilattn.functional import BackendName, dilated_attention
 from dilattn.nn.cache import KVCache
@@ -52,9 +52,9 @@ class DilatedAttention(nn.Module):
         local_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = DilatedConfig(
-            positive_ints("segment_lengths", segment_lengths),
-            positive_ints("dilation_rates", dilation_rates),
+        self.config = DilatedConfig.of(
+            segment_lengths,
+            dilation_rates,
             head_offsets,
             local_window,
         )
@@ -214,9 +214,9 @@ class MultiheadDilatedAttention(nn.Module):
             )
         if position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(f"position={position!r} needs an even head dim, got {self.head_dim}")
-        self.config = DilatedConfig(
-            positive_ints("segment_lengths", segment_lengths),
-            positive_ints("dilation_rates", dilation_rates),
+        self.config = DilatedConfig.of(
+            segment_lengths,
+            dilation_rates,
             head_offsets,
             local_window,
         )
