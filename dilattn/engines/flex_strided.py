@@ -1,13 +1,14 @@
 """The flex engine: every call of the strided plan runs FlexAttention on strided views.
 
-The strided path's plan (:func:`dilattn.engines.strided.plan`) splits each branch into calls whose
-rows are strided views of q, k and v (no gather). Here each call is one FlexAttention call
-on those views, with:
+The strided path's plan (:func:`dilattn.engines.strided.plan`) splits each branch into
+calls whose rows are strided views of q, k and v (no gather). Here each call is one
+FlexAttention call on those views, with:
 
 * a ``mask_mod`` and ``score_mod`` that map the view's indices ``(x, g, m)`` back to the batch
   row, the query head and the absolute position ``start[x, g] + m * step`` before calling the
-  caller's mods (padding, documents, ALiBi, T5, ...), so every mod sees what the dense
-  reference sees;
+  caller's mods (padding, documents, ALiBi, ...), so every mod sees what the dense
+  reference sees (score mods that capture a tensor, such as T5's table, are the gathered
+  engine's: see the dispatcher);
 * a block mask built from per-block statistics of the call's rows (the causal triangle, the
   smallest and largest document id of each block, whether a key block is all or partly
   padding): blocks inside one document stay full and skip the ``mask_mod``, blocks between
