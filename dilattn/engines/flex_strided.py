@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import (
-    AuxRequest,
     BlockMask,
     _mask_mod_signature,
     _score_mod_signature,
@@ -44,7 +43,7 @@ from torch.nn.attention.flex_attention import (
 
 from dilattn.engines import strided
 from dilattn.engines.blocks import block_mask_from_indices, cdiv, dense_block_indices
-from dilattn.engines.gather import BLOCK_SIZE, PositionMods, _strict_recompile_limit
+from dilattn.engines.gather import BLOCK_SIZE, PositionMods, _run_flex
 
 __all__ = ["Visibility", "captures_tensors", "flex_strided_attention", "supports"]
 
@@ -68,35 +67,9 @@ def _compiled_flex() -> Any:
     return torch.compile(_flex_views, dynamic=False)
 
 
-def _attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    block_mask: BlockMask,
-    scale: float,
-    score_mod: _score_mod_signature | None,
-) -> tuple[Tensor, Tensor]:
-    """One flex call with lse: compiled on CUDA (never its eager fallback: call it under
-    :func:`_strict_recompile_limit`), eager on CPU."""
-    options: dict[str, Any] = {
-        "score_mod": score_mod,
-        "block_mask": block_mask,
-        "scale": scale,
-        "enable_gqa": True,
-        "return_aux": AuxRequest(lse=True),
-    }
-    if not q.is_cuda:
-        out, aux = flex_attention(q, k, v, **options)
-        return out, aux.lse
-    try:
-        out, aux = _compiled_flex()(q, k, v, **options)
-    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
-        raise RuntimeError(
-            f"dilattn: the flex engine met more than {RECOMPILE_LIMIT} kernel variants (view "
-            "shapes, dtypes, mods); refusing to fall back to eager flex, which materialises "
-            "every score. Raise dilattn.engines.flex_strided.RECOMPILE_LIMIT if you need more."
-        ) from error
-    return out, aux.lse
+def _compiled_views(q: Tensor, k: Tensor, v: Tensor, options: dict[str, Any]) -> Any:
+    """:func:`_compiled_flex` in the calling convention of ``gather._run_flex``."""
+    return _compiled_flex()(q, k, v, **options)
 
 
 class Visibility(NamedTuple):
@@ -339,20 +312,22 @@ def _forward(
         lse.fill_(-torch.inf)
     kept = []
     source = tuple(x.detach() for x in (query, key, value))
-    with _strict_recompile_limit(RECOMPILE_LIMIT):  # set once: a setting costs host time
-        for call, specs, geo in _calls(query, key, value, out, lse, plan):
-            mask_mod, score_mod = _view_mods(geo, mods, is_causal)
-            block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
-            q, k, v = (strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
-            with torch.enable_grad() if keep else torch.no_grad():
-                if keep:
-                    q, k, v = (x.requires_grad_() for x in (q, k, v))
-                o, l = _attend(q, k, v, block_mask, scale, score_mod)
-            acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
-            strided._merge_into(acc, acc_lse, o.detach(), l.detach(), call.writes)
+    for call, specs, geo in _calls(query, key, value, out, lse, plan):
+        mask_mod, score_mod = _view_mods(geo, mods, is_causal)
+        block_mask = _call_block_mask(geo, vis, is_causal, mask_mod)
+        q, k, v = (strided._at(x, spec) for x, spec in zip(source, specs, strict=False))
+        with torch.enable_grad() if keep else torch.no_grad():
             if keep:
-                writes = (call.writes, call.writes_kv)
-                kept.append(_Call(specs, writes, (q, k, v), (o, l)))
+                q, k, v = (x.requires_grad_() for x in (q, k, v))
+            limit = (RECOMPILE_LIMIT, "dilattn.engines.flex_strided.RECOMPILE_LIMIT")
+            o, l = _run_flex(
+                q, k, v, block_mask, scale, score_mod, compiled=_compiled_views, limit=limit
+            )
+        acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
+        strided._merge_into(acc, acc_lse, o.detach(), l.detach(), call.writes)
+        if keep:
+            writes = (call.writes, call.writes_kv)
+            kept.append(_Call(specs, writes, (q, k, v), (o, l)))
     return out, lse, kept
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -372,10 +372,16 @@ def _run_flex(
     block_mask: BlockMask,
     scale: float,
     score_mod: _score_mod_signature | None,
+    *,
+    compiled: Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Any] | None = None,
+    limit: tuple[int, str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Flex with lse: compiled on CUDA, never its silent eager fallback (it materialises every
     score); eager (forward only) on CPU; inside the caller's graph when it is being compiled
-    (``torch.compile(model)``), where no config patch can be traced."""
+    (``torch.compile(model)``), where no config patch can be traced. ``compiled`` (default
+    :func:`_compiled_flex`) runs it with ``(q, k, v, options)`` under ``limit``: at most
+    that many variants, and the name of the setting that raises it (default
+    :data:`RECOMPILE_LIMIT`, read at each call)."""
     options: dict[str, Any] = {
         "score_mod": score_mod,
         "block_mask": block_mask,
@@ -386,15 +392,16 @@ def _run_flex(
     if torch.compiler.is_compiling() or not q.is_cuda:
         out, aux = flex_attention(q, k, v, **options)
         return out, aux.lse
+    if limit is None:
+        limit = (RECOMPILE_LIMIT, "dilattn.engines.gather.RECOMPILE_LIMIT")
     try:
-        with _strict_recompile_limit():
-            out, aux = _compiled_flex(q, k, v, options)
+        with _strict_recompile_limit(limit[0]):
+            out, aux = (compiled or _compiled_flex)(q, k, v, options)
     except torch._dynamo.exc.FailOnRecompileLimitHit as error:
         raise RuntimeError(
-            f"dilattn: compiled FlexAttention met more than {RECOMPILE_LIMIT} variants (dtype, "
+            f"dilattn: compiled FlexAttention met more than {limit[0]} variants (dtype, shapes, "
             "head counts, head dims, mods); refusing to fall back to eager flex, which "
-            "materialises every score. Raise dilattn.engines.gather.RECOMPILE_LIMIT if you need "
-            "more."
+            f"materialises every score. Raise {limit[1]} if you need more."
         ) from error
     return out, aux.lse
 
