@@ -169,7 +169,7 @@ def _view_mods(
 
         def view_mask(x: Tensor, g: Tensor, m_q: Tensor, m_kv: Tensor) -> Tensor:
             keep = visible(*where(x, g, m_q, m_kv))
-            return keep & (m_kv <= m_q) if is_causal else keep
+            return keep & _causal(x, g, m_q, m_kv) if is_causal else keep
 
         mask_mod = view_mask
     score_mod: _score_mod_signature | None = None
@@ -187,13 +187,12 @@ def _view_mods(
 def _triangle(blocks: int, is_causal: bool, device: torch.device) -> tuple[Tensor, Tensor]:
     """Touched and full block pairs ``(1, 1, n, n)`` of (causal) attention inside a segment."""
     with torch.inference_mode(False):
-        i = torch.arange(blocks, device=device)
-        ones = torch.ones(blocks, blocks, dtype=torch.bool, device=device)
         if not is_causal:
-            return ones.view(1, 1, blocks, blocks), ones.view(1, 1, blocks, blocks)
-        touched = i.view(-1, 1) >= i.view(1, -1)
-        full = i.view(-1, 1) > i.view(1, -1)
-        return touched.view(1, 1, blocks, blocks), full.view(1, 1, blocks, blocks)
+            every = torch.ones(1, 1, blocks, blocks, dtype=torch.bool, device=device)
+            return every, every
+        col = torch.arange(blocks, device=device)
+        row = col.view(-1, 1)
+        return (row >= col).expand(1, 1, -1, -1), (row > col).expand(1, 1, -1, -1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,8 +269,8 @@ def _call_block_mask(
 class _Call(NamedTuple):
     """One flex call of the forward, kept for its backward."""
 
+    call: strided.Call  # its plan entry (which gradients it writes first)
     specs: tuple[strided.Spec, ...]  # views of q, k, v, out, lse
-    writes: tuple[bool, bool]  # first to write its rows of dq / of dk and dv
     inputs: tuple[Tensor, Tensor, Tensor]  # the views flex read (leaves of its graph)
     outputs: tuple[Tensor, Tensor]  # its out and lse
 
@@ -305,11 +304,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, list[_Call]]:
     """Every call, merged into ``(out, lse)``; with ``keep``, the calls' graphs for the
     backward."""
-    out = strided._new_out(query, value)
-    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
-    if plan.zero_fill:
-        out.zero_()
-        lse.fill_(-torch.inf)
+    out, lse = strided.new_result(query, value, plan)
     kept = []
     source = tuple(x.detach() for x in (query, key, value))
     for call, specs, geo in _calls(query, key, value, out, lse, plan):
@@ -326,8 +321,7 @@ def _forward(
         acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
         strided._merge_into(acc, acc_lse, o.detach(), l.detach(), call.writes)
         if keep:
-            writes = (call.writes, call.writes_kv)
-            kept.append(_Call(specs, writes, (q, k, v), (o, l)))
+            kept.append(_Call(call, specs, (q, k, v), (o, l)))
     return out, lse, kept
 
 
@@ -340,15 +334,13 @@ def _backward(
     value: Tensor,
     out: Tensor,
     lse: Tensor,
-    zero_fill: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    plan: strided.Plan,
+) -> tuple[Tensor, ...]:
     """Each call's flex backward with the gradients that sum to the merged result's."""
-    writes_kv = bool(calls) and calls[0].writes[1]
-    dq = (torch.zeros_like if zero_fill else torch.empty_like)(query)
-    dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
-    for call in calls:
-        o, l = call.outputs
-        spec_o, spec_l = call.specs[3], call.specs[4]
+    dq, dk, dv = strided.new_grads(query, key, value, plan)
+    for kept in calls:
+        o, l = kept.outputs
+        spec_o, spec_l = kept.specs[3], kept.specs[4]
         merged_out, merged_lse = strided._at(out, spec_o), strided._at(lse, spec_l)
         g = strided._at(grad_out, spec_o).float()
         weight = torch.where(l.isneginf(), 0.0, torch.exp(l - merged_lse))  # (X, G, M)
@@ -356,11 +348,12 @@ def _backward(
         if grad_lse is not None:
             d_lse = d_lse + strided._at(grad_lse, spec_l)
         grads = torch.autograd.grad(
-            (o, l), call.inputs, ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse)
+            (o, l), kept.inputs, ((g * weight.unsqueeze(-1)).to(o.dtype), weight * d_lse)
         )
-        targets = (dq, dk, dv)
-        writes = (call.writes[0], call.writes[1], call.writes[1])
-        for target, spec, piece, write in zip(targets, call.specs, grads, writes, strict=False):
+        writes = (kept.call.writes, kept.call.writes_kv, kept.call.writes_kv)
+        for target, spec, piece, write in zip(
+            (dq, dk, dv), kept.specs, grads, writes, strict=False
+        ):
             strided._add_rows(strided._at(target, spec), piece, write)
     return dq, dk, dv
 
@@ -385,7 +378,7 @@ class _FlexStrided(torch.autograd.Function):
         # off CUDA flex has no backward: the dispatcher refuses q, k, v that need one
         keep = query.is_cuda and any(ctx.needs_input_grad[:3])
         out, lse, calls = _forward(query, key, value, plan, is_causal, scale, mods, vis, keep)
-        ctx.calls, ctx.zero_fill = calls, plan.zero_fill
+        ctx.calls, ctx.plan = calls, plan
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -396,7 +389,7 @@ class _FlexStrided(torch.autograd.Function):
         # the calls' views are specs of the output's layout: give the gradients that layout
         grad_out = _like(out, grad_out)
         grad_lse = None if grad_lse is None else _like(lse, grad_lse)
-        grads = _backward(ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.zero_fill)
+        grads = _backward(ctx.calls, grad_out, grad_lse, query, key, value, out, lse, ctx.plan)
         ctx.calls = []
         return (*grads, None)
 

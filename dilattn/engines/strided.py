@@ -373,14 +373,30 @@ def _merge_into(acc: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor, write: b
         acc_lse.copy_(merged_lse)
 
 
+def new_result(query: Tensor, value: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
+    """The output ``(B, H, S, Dv)`` and lse ``(B, H, S)`` the calls of ``plan`` write or
+    merge into; rows no branch covers start at 0 with lse ``-inf``."""
+    out = _new_out(query, value)
+    lse = query.new_empty(query.shape[:3], dtype=_work_dtype(query))
+    if plan.zero_fill:
+        out.zero_()
+        lse.fill_(-torch.inf)
+    return out, lse
+
+
+def new_grads(query: Tensor, key: Tensor, value: Tensor, plan: Plan) -> tuple[Tensor, ...]:
+    """``dq``, ``dk``, ``dv`` the calls of ``plan`` write or add into: zeros only where no
+    call writes first."""
+    writes_kv = bool(plan.calls) and plan.calls[0].writes_kv
+    dq = (torch.zeros_like if plan.zero_fill else torch.empty_like)(query)
+    dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
+    return dq, dk, dv
+
+
 def _forward(
     query: Tensor, key: Tensor, value: Tensor, plan: Plan, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
-    out = _new_out(query, value)
-    lse = query.new_empty(query.shape[:3], dtype=_work_dtype(query))
-    if plan.zero_fill:  # rows no branch covers stay 0 with lse -inf
-        out.zero_()
-        lse.fill_(-torch.inf)
+    out, lse = new_result(query, value, plan)
     tensors = (query, key, value, out, lse)
     layouts = tuple(_layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
     for call in plan.calls:
@@ -401,9 +417,7 @@ def _backward(
     is_causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    writes_kv = bool(plan.calls) and plan.calls[0].writes_kv
-    dq = (torch.zeros_like if plan.zero_fill else torch.empty_like)(query)
-    dk, dv = ((torch.empty_like if writes_kv else torch.zeros_like)(x) for x in (key, value))
+    dq, dk, dv = new_grads(query, key, value, plan)
     tensors = (grad_out, query, key, value, out, lse, dq, dk, dv)
     layouts = tuple(_layout(x, by_kv=i in (2, 3, 7, 8)) for i, x in enumerate(tensors))
     for call in plan.calls:
