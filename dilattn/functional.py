@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -283,21 +285,20 @@ def explain(
         engine: flex_strided
           not strided: it does not take document_ids/cu_seqlens
     """
-    accepted = {
-        "head_offsets": "cyclic",
-        "backend": "auto",
-        "enable_gqa": False,
-        "key_padding_mask": None,
-        "document_ids": None,
-        "cu_seqlens": None,
-        "score_mod": None,
-        "q_offset": 0,
-        "dropout_p": 0.0,
-        "local_window": None,
-    }
-    ignored = {"is_causal", "scale", "return_lse"}
-    unknown = set(options) - set(accepted) - ignored
+    unknown = set(options) - set(_keyword_defaults())
     if unknown:
         raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
-    kwargs = {name: options.get(name, default) for name, default in accepted.items()}
+    ignored = {"is_causal", "scale", "return_lse"}  # they do not change the engine
+    kwargs = {
+        name: options.get(name, default)
+        for name, default in _keyword_defaults().items()
+        if name not in ignored
+    }
     return _prepare(query, key, value, segment_lengths, dilation_rates, **kwargs).dispatch
+
+
+@functools.cache
+def _keyword_defaults() -> dict[str, Any]:
+    """:func:`dilated_attention`'s keyword arguments and their defaults."""
+    parameters = inspect.signature(dilated_attention).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
