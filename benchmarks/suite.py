@@ -314,8 +314,7 @@ def useful_pairs(
             heads = offsets.count(o)
             start = torch.arange(0, seq_len, w, device=device).view(-1, 1)
             pos = (start + o + r * torch.arange(-(-(w - o) // r), device=device)).flatten()
-            pos = pos[(pos < seq_len) & ((pos - pos // w * w) < w)]
-            pos = pos[(pos % w - o) % r == 0]
+            pos = pos[pos < seq_len]  # rows j*w + o + m*r, m < ceil((w - o) / r): in segment j
             group = (pos // w).expand(batch, -1)
             if document_ids is not None:
                 group = group * (int(document_ids.max()) + 1) + document_ids[:, pos]
@@ -343,14 +342,13 @@ def _pairs(group: Tensor, valid: Tensor, queries: Tensor, is_causal: bool) -> fl
     pairs = 0.0
     for g, ok in zip(group, valid, strict=True):
         _, counts = torch.unique_consecutive(g, return_counts=True)
-        ends = counts.cumsum(0)
         seen = ok.long().cumsum(0)
-        before = torch.cat([seen.new_zeros(1), seen[ends - 1]])[:-1].repeat_interleave(counts)
+        upto_end = seen[counts.cumsum(0) - 1]  # valid keys up to each group's end
+        before = torch.cat([seen.new_zeros(1), upto_end[:-1]])  # ... before its start
         if is_causal:
-            sees = seen - before
+            sees = seen - before.repeat_interleave(counts)
         else:
-            sees = seen[ends - 1] - torch.cat([seen.new_zeros(1), seen[ends - 1]])[:-1]
-            sees = sees.repeat_interleave(counts)
+            sees = (upto_end - before).repeat_interleave(counts)
         pairs += float(sees[queries].sum())
     return pairs
 
