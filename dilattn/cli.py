@@ -763,6 +763,18 @@ def _parser() -> _Parser:
     def causal(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--causal", action="store_true", help="causal: no query sees a later key")
 
+    def inputs(sub: argparse.ArgumentParser, dtypes: tuple[str, ...]) -> None:
+        """The head dim, batch size, causality and dtype of the timed or explained call."""
+        sub.add_argument("--head-dim", type=_positive, metavar="D", default=64, help="head dim")
+        sub.add_argument("--batch", type=_positive, metavar="B", default=1, help="batch size")
+        causal(sub)
+        sub.add_argument(
+            "--dtype",
+            choices=("auto", *dtypes),
+            default="auto",
+            help="input dtype; auto is bf16 on CUDA, fp32 on CPU",
+        )
+
     info = command("info", "versions, device and the engines that run on this machine")
     info.set_defaults(run=_info)
 
@@ -817,15 +829,7 @@ def _parser() -> _Parser:
         metavar="H",
         help="number of heads (default: 12 on CUDA, 4 on CPU)",
     )
-    bench.add_argument("--head-dim", type=_positive, metavar="D", default=64, help="head dim")
-    bench.add_argument("--batch", type=_positive, metavar="B", default=1, help="batch size")
-    causal(bench)
-    bench.add_argument(
-        "--dtype",
-        choices=("auto", *_DTYPES),
-        default="auto",
-        help="input dtype; auto is bf16 on CUDA, fp32 on CPU",
-    )
+    inputs(bench, tuple(_DTYPES))
     bench.add_argument("--backward", action="store_true", help="time forward+backward")
     bench.add_argument(
         "--min-run-time",
@@ -858,15 +862,7 @@ def _parser() -> _Parser:
         metavar="H_KV",
         help="key/value heads, a divisor of --heads (grouped-query attention; default: --heads)",
     )
-    explain.add_argument("--head-dim", type=_positive, metavar="D", default=64, help="head dim")
-    explain.add_argument("--batch", type=_positive, metavar="B", default=1, help="batch size")
-    causal(explain)
-    explain.add_argument(
-        "--dtype",
-        choices=("auto", *_ANY_DTYPES),
-        default="auto",
-        help="input dtype; auto is bf16 on CUDA, fp32 on CPU",
-    )
+    inputs(explain, tuple(_ANY_DTYPES))
     device(explain)
     explain.add_argument(
         "--backend",
