@@ -229,12 +229,7 @@ def _prepare(
     dropout_p: float,
     local_window: int | None,
 ) -> _Call:
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     _, q_offset, padding, documents = check_call(
         query,
         key,

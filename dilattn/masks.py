@@ -86,12 +86,7 @@ def dilated_mask_mod(
     causal, ``kv_idx <= q_idx``. ``h`` is the query head; ``num_heads`` the number of query
     heads."""
     check_bool("is_causal", is_causal)
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     count = _multiplicity_fn(config, num_heads)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -112,12 +107,7 @@ def dilated_score_mod(
 ) -> _score_mod_signature:
     """A flex ``score_mod`` adding ``log m(h, q_idx, kv_idx)``: the log of the number of branches
     (the local window included) in which the query sees the key (``-inf`` where none does)."""
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     count = _multiplicity_fn(config, num_heads)
 
     def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -226,12 +216,7 @@ def flex_mask(
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_dense``.
     """
     check_bool("is_causal", is_causal)
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     kv_len = q_len if kv_len is None else kv_len
     for name, value in (
         ("q_len", q_len),

@@ -167,12 +167,7 @@ def multiplicity(
     """``m(h, p, p')``: in how many branches (the local one included) query ``p`` sees key
     ``p'``; int64 ``(H, S_q, S_kv)`` (query row ``i`` at position ``q_offset + i``)."""
     check_bool("is_causal", is_causal)
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     kv_len = q_len if kv_len is None else kv_len
     masks = [
         branch_mask(
@@ -302,12 +297,7 @@ def dilated_attention_reference(
         rows that see no key give 0 (and ``L = -inf``).
     """
     check_bool("is_causal", is_causal)
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-        local_window,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     key, value, extras = _prepare(
         query,
         key,

@@ -158,11 +158,7 @@ def dilated_attention_parallel(
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference`` of the
     gathered sequence, cut to this rank's rows.
     """
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets)
     shapes, plan = _plan(
         config,
         query,
@@ -221,11 +217,7 @@ def exchanged_bytes(
 ) -> ExchangedBytes:
     """What :func:`dilated_attention_parallel` with these arguments sends and receives on this
     rank: the sizes of the tensors of its all-to-all (no communication happens here)."""
-    config = DilatedConfig.of(
-        segment_lengths,
-        dilation_rates,
-        head_offsets,
-    )
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets)
     shapes, plan = _plan(
         config,
         query,
@@ -266,11 +258,7 @@ class ParallelDilatedAttention(nn.Module):
     ) -> None:
         super().__init__()
         _check_group(group)
-        self.config = DilatedConfig.of(
-            segment_lengths,
-            dilation_rates,
-            head_offsets,
-        )
+        self.config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets)
         self.group = group
         self.is_causal = is_causal
         self.scale = scale

@@ -70,11 +70,7 @@ class LongNetConfig:
     ff_chunks: int = 1  # feed-forward over this many sequence chunks, each recomputed in backward
 
     def __post_init__(self) -> None:
-        branches = DilatedConfig.of(
-            self.segment_lengths,
-            self.dilation_rates,
-            self.head_offsets,
-        )
+        branches = DilatedConfig.of(self.segment_lengths, self.dilation_rates, self.head_offsets)
         object.__setattr__(self, "segment_lengths", branches.segment_lengths)
         object.__setattr__(self, "dilation_rates", branches.dilation_rates)
         for name in ("d_model", "num_heads", "num_layers", "ffn_dim"):

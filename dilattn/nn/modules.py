@@ -52,12 +52,7 @@ class DilatedAttention(nn.Module):
         local_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = DilatedConfig.of(
-            segment_lengths,
-            dilation_rates,
-            head_offsets,
-            local_window,
-        )
+        self.config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
         self.is_causal = check_bool("is_causal", is_causal)
         self.scale = scale
         self.enable_gqa = enable_gqa
@@ -214,12 +209,7 @@ class MultiheadDilatedAttention(nn.Module):
             )
         if position in ("rotary", "xpos") and self.head_dim % 2:
             raise ValueError(f"position={position!r} needs an even head dim, got {self.head_dim}")
-        self.config = DilatedConfig.of(
-            segment_lengths,
-            dilation_rates,
-            head_offsets,
-            local_window,
-        )
+        self.config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
         self.dropout = number_in("dropout", dropout, 0.0, 1.0)
         self.gamma_init = number_in("gamma_init", gamma_init, 0.0, math.inf, open_low=True)
         self.position: Position | None = position
