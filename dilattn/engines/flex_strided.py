@@ -283,12 +283,9 @@ def _calls(
     lse: Tensor,
     plan: strided.Plan,
 ) -> Iterator[tuple[strided.Call, tuple[strided.Spec, ...], Geometry]]:
-    tensors = (query, key, value, out, lse)
-    layouts = tuple(strided._layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
     index = _index_layout(query)
-    for call in plan.calls:
-        for specs in strided._specs(call, (*layouts, index)):
-            yield call, specs[:5], _geometry(specs[5], index, query.device)
+    for call, specs in strided.views(plan, (query, key, value, out, lse), (1, 2), (index,)):
+        yield call, specs[:5], _geometry(specs[5], index, query.device)
 
 
 def _forward(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from dilattn._softmax import softmax_with_lse
 from dilattn.merge import merge_by_lse
 
-__all__ = ["Call", "plan", "strided_attention", "supports"]
+__all__ = ["Call", "new_grads", "new_result", "plan", "strided_attention", "supports", "views"]
 
 aten = torch.ops.aten
 CUDNN_MIN_ROWS = 16  # calls with fewer rows per segment run as matmuls
@@ -393,16 +394,29 @@ def new_grads(query: Tensor, key: Tensor, value: Tensor, plan: Plan) -> tuple[Te
     return dq, dk, dv
 
 
+def views(
+    plan: Plan,
+    tensors: tuple[Tensor, ...],
+    by_kv: tuple[int, ...],
+    extra: tuple[TensorLayout, ...] = (),
+) -> Iterator[tuple[Call, tuple[Spec, ...]]]:
+    """Each call of ``plan``, once per batch piece, with the view spec of each of
+    ``tensors`` (``(B, H, S, *)``; those at ``by_kv`` indexed by key/value heads) and of
+    each ``extra`` layout, folded alike."""
+    layouts = tuple(_layout(x, by_kv=i in by_kv) for i, x in enumerate(tensors)) + extra
+    for call in plan.calls:
+        for specs in _specs(call, layouts):
+            yield call, specs
+
+
 def _forward(
     query: Tensor, key: Tensor, value: Tensor, plan: Plan, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
     out, lse = new_result(query, value, plan)
     tensors = (query, key, value, out, lse)
-    layouts = tuple(_layout(x, by_kv=i in (1, 2)) for i, x in enumerate(tensors))
-    for call in plan.calls:
-        for specs in _specs(call, layouts):
-            q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
-            _merge_into(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
+    for call, specs in views(plan, tensors, by_kv=(1, 2)):
+        q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
+        _merge_into(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
     return out, lse
 
 
@@ -419,16 +433,12 @@ def _backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = new_grads(query, key, value, plan)
     tensors = (grad_out, query, key, value, out, lse, dq, dk, dv)
-    layouts = tuple(_layout(x, by_kv=i in (2, 3, 7, 8)) for i, x in enumerate(tensors))
-    for call in plan.calls:
-        for specs in _specs(call, layouts):
-            g, q, k, v, o, l, *targets = (
-                _at(x, spec) for x, spec in zip(tensors, specs, strict=True)
-            )
-            pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
-            writes = (call.writes, call.writes_kv, call.writes_kv)
-            for target, piece, write in zip(targets, pieces, writes, strict=True):
-                _add_rows(target, piece, write)
+    for call, specs in views(plan, tensors, by_kv=(2, 3, 7, 8)):
+        g, q, k, v, o, l, *targets = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
+        pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
+        writes = (call.writes, call.writes_kv, call.writes_kv)
+        for target, piece, write in zip(targets, pieces, writes, strict=True):
+            _add_rows(target, piece, write)
     return dq, dk, dv
 
 
