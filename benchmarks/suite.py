@@ -72,6 +72,7 @@ class Bench:
     quick: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
     on_row: Callable[[], object] | None = None  # e.g. save the JSON: a cut-off run keeps rows
+    impls: Sequence[str] = ()  # measure only these rows (all when empty)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -139,6 +140,8 @@ def _measure(
     backward: bool,
 ) -> None:
     """Time ``call`` forward (or forward+backward) on rotating input sets; add one row."""
+    if bench.impls and impl not in bench.impls:
+        return
     row: dict[str, Any] = {"study": study, "impl": impl, "seq_len": S, "backward": backward}
     try:
         first = make()
@@ -192,8 +195,8 @@ def _sdpa(qkv: list[Tensor]) -> Tensor:
 
 
 def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
-    """dilattn (auto: the strided path; eager, and compiled with CUDA graphs up to 64K)
-    against dense SDPA, the gathered flex branch path and the one-line mask; the
+    """dilattn (auto: the strided path; eager, and up to 64K compiled in the default mode and
+    with CUDA graphs) against dense SDPA, the gathered flex branch path and the one-line mask; the
     comparisons stop where they would take too long."""
     H, D, config = setup.heads, setup.head_dim, setup.config
     for backward in setup.backward:
@@ -209,9 +212,11 @@ def study_paper(bench: Bench, setup: Setup, study: str = "paper") -> None:
             small = flex_limit >= S
             if small and bench.cuda:
                 impls.append(("dilattn-flex", _dilated(config, True, backend="flex"), flops))
-            if graph_limit >= S and bench.cuda:  # CUDA graphs take the launch overhead away
+            if graph_limit >= S and bench.cuda:  # compiled as users do, and with CUDA graphs
+                compiled = torch.compile(_dilated(config, True))
                 graphed = torch.compile(_dilated(config, True), mode="reduce-overhead")
-                impls.append(("dilattn-graphed", graphed, flops))
+                impls += [("dilattn-compiled", compiled, flops)]
+                impls += [("dilattn-graphed", graphed, flops)]
             if small and not backward and (bench.cuda or S <= 512):
                 impls.append(("one-line-mask", _one_line(bench, config, H, S), flops))
             if dense_limit >= S:
@@ -686,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=1 << 20, help="longest S of the studies")
     parser.add_argument("--min-len", type=int, default=0, help="shortest S of the features study")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--impls", nargs="+", default=(), help="measure only these rows, e.g. dilattn sdpa-dense"
+    )
     args = parser.parse_args(argv)
     quick, device = args.quick, torch.device(args.device)
     bench = Bench(
@@ -693,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.bfloat16 if device.type == "cuda" else torch.float32,
         args.repeats or (3 if quick else 10),
         quick,
+        impls=args.impls,
     )
     console = Console()
     # Every study compiles flex afresh (one variant per length, mask and pass): allow them

@@ -19,16 +19,18 @@ call, ``M`` rows per segment, ``S`` positions, ``D`` head dim.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from dilattn._softmax import softmax_with_lse
+from dilattn.engines.replay import replay
 from dilattn.merge import merge_by_lse
 
 __all__ = ["Call", "new_grads", "new_result", "plan", "strided_attention", "supports", "views"]
@@ -36,6 +38,13 @@ __all__ = ["Call", "new_grads", "new_result", "plan", "strided_attention", "supp
 aten = torch.ops.aten
 CUDNN_MIN_ROWS = 16  # calls with fewer rows per segment run as matmuls
 CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of that size)
+OVERLAP = True
+"""Merges and gradient adds of calls that do not replay a graph run on a second CUDA stream,
+overlapping the next attention kernel."""
+GRAPH_ROWS = 1 << 19
+"""Calls of at most this many query rows (``B * H * S``) on CUDA replay a CUDA graph of their
+kernels (:mod:`dilattn.engines.replay`): below it they are bound by launch time, not the
+GPU. 0 turns replay off."""
 
 
 class Heads(NamedTuple):
@@ -410,13 +419,23 @@ def views(
 
 
 def _forward(
-    query: Tensor, key: Tensor, value: Tensor, plan: Plan, is_causal: bool, scale: float
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    plan: Plan,
+    is_causal: bool,
+    scale: float,
+    overlap: bool = False,
 ) -> tuple[Tensor, Tensor]:
     out, lse = new_result(query, value, plan)
     tensors = (query, key, value, out, lse)
+    side = _Side(query, overlap)
     for call, specs in views(plan, tensors, by_kv=(1, 2)):
         q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
-        _merge_into(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
+        piece, piece_lse = _sdpa(q, k, v, is_causal, scale)
+        with side(piece, piece_lse):
+            _merge_into(o, l, piece, piece_lse, call.writes)
+    side.join()
     return out, lse
 
 
@@ -430,16 +449,71 @@ def _backward(
     plan: Plan,
     is_causal: bool,
     scale: float,
+    overlap: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = new_grads(query, key, value, plan)
     tensors = (grad_out, query, key, value, out, lse, dq, dk, dv)
+    side = _Side(query, overlap)
     for call, specs in views(plan, tensors, by_kv=(2, 3, 7, 8)):
         g, q, k, v, o, l, *targets = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
         pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
         writes = (call.writes, call.writes_kv, call.writes_kv)
-        for target, piece, write in zip(targets, pieces, writes, strict=True):
-            _add_rows(target, piece, write)
+        with side(*pieces):
+            for target, piece, write in zip(targets, pieces, writes, strict=True):
+                _add_rows(target, piece, write)
+    side.join()
     return dq, dk, dv
+
+
+def _launch(
+    fn: Callable[..., tuple[Tensor, ...]],
+    tensors: tuple[Tensor, ...],
+    plan: Plan,
+    is_causal: bool,
+    scale: float,
+) -> tuple[Tensor, ...]:
+    """``fn(*tensors, plan, is_causal, scale)`` (``tensors[0]`` ``(B, H, S, *)``), replaying a
+    CUDA graph of its kernels when on CUDA with at most ``GRAPH_ROWS`` rows, and not inside
+    another capture (``torch.compile``'s ``reduce-overhead`` already graphs the call)."""
+    run = functools.partial(fn, plan=plan, is_causal=is_causal, scale=scale)
+    x = tensors[0]
+    if (
+        not x.is_cuda
+        or x.shape[0] * x.shape[1] * x.shape[2] > GRAPH_ROWS
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return run(*tensors, overlap=OVERLAP and x.is_cuda)
+    return replay((fn.__name__, plan, is_causal, scale), run, tensors)
+
+
+class _Side:
+    """With ``overlap`` (on CUDA): the in-place merges and gradient adds, memory-bound, run on
+    a second stream, so that they overlap the next call's attention kernel (compute-bound);
+    they stay in order among themselves. Else they run in line."""
+
+    def __init__(self, x: Tensor, overlap: bool) -> None:
+        self.main = torch.cuda.current_stream(x.device) if overlap else None
+        self.side = _side_stream(x.device) if overlap else None
+
+    @contextlib.contextmanager
+    def __call__(self, *temporaries: Tensor) -> Iterator[None]:
+        if self.main is None or self.side is None:
+            yield
+            return
+        self.side.wait_stream(self.main)  # the call's results are written
+        with torch.cuda.stream(self.side):
+            yield
+        for x in temporaries:  # not reused by the main stream before the side is done
+            x.record_stream(self.side)
+
+    def join(self) -> None:
+        if self.main is not None and self.side is not None:
+            self.main.wait_stream(self.side)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
 
 def _unpack(branches: list[int], offsets: list[int], query: Tensor, key: Tensor) -> Plan:
@@ -461,7 +535,8 @@ def _strided_op(
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     plan = _unpack(branches, offsets, query, key)
-    return _forward(query, key, value, plan, is_causal, scale)
+    out, lse = _launch(_forward, (query, key, value), plan, is_causal, scale)
+    return out, lse
 
 
 @_strided_op.register_fake
@@ -512,7 +587,8 @@ def _strided_backward_op(
         grad_lse = grad_lse.nan_to_num(0.0)
         if bool(grad_lse.any()):  # compiled code passes zeros when the lse has no gradient
             pairs = _fold_lse_grad(grad_out, out, grad_lse)
-    grads = [_backward(g, query, key, value, o, lse, plan, is_causal, scale) for g, o in pairs]
+    tensors = [(g, query, key, value, o, lse) for g, o in pairs]
+    grads = [_launch(_backward, x, plan, is_causal, scale) for x in tensors]
     dq, dk, dv = (sum(parts[1:], parts[0]) for parts in zip(*grads, strict=True))
     return dq, dk, dv
 

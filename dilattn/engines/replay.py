@@ -1,0 +1,70 @@
+"""CUDA-graph replay of a host-bound sequence of kernels, for eager and compiled callers.
+
+A short call of the strided engine is a dozen attention kernels and their merges, each
+costing more host time to launch than GPU time to run: eager code (and ``torch.compile`` in
+its default mode, where the engine is one opaque op) waits on the CPU. :func:`replay`
+captures such a sequence once per input layout, on copies of its inputs, then replays it:
+the inputs are copied in, one graph launch runs every kernel, and the outputs are copied out
+(replays reuse the graph's buffers). It costs one copy of the inputs and outputs per layout
+in GPU memory, and three to six memory-bound copies per call.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["CACHED", "replay"]
+
+CACHED = 4
+"""Captured graphs kept (least recently used dropped first); each holds its own buffers."""
+
+
+class _Graph(NamedTuple):
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+
+_GRAPHS: OrderedDict[Hashable, _Graph] = OrderedDict()
+
+
+def _capture(fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]) -> _Graph:
+    inputs = tuple(torch.empty_like(x).copy_(x) for x in tensors)  # dense, same dim order
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*inputs)  # warm-up outside the capture: cuDNN plans, Triton compiles, allocations
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = fn(*inputs)
+    return _Graph(graph, inputs, outputs)
+
+
+def replay(
+    key: Hashable, fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """``fn(*tensors)`` (CUDA tensors in, a tuple of new tensors out), run by replaying a
+    graph captured at the first call with this ``key``. ``key`` must determine every host
+    decision ``fn`` takes; the tensors' shapes, strides, dtypes, device and the current
+    stream are added to it."""
+    stream = torch.cuda.current_stream()
+    layout = tuple((x.shape, x.stride(), x.dtype) for x in tensors)
+    full_key = (key, layout, tensors[0].device, stream.cuda_stream)
+    entry = _GRAPHS.get(full_key)
+    if entry is None:
+        entry = _capture(fn, tensors)
+        _GRAPHS[full_key] = entry
+        while len(_GRAPHS) > CACHED:
+            _GRAPHS.popitem(last=False)
+    else:
+        _GRAPHS.move_to_end(full_key)
+        for static, x in zip(entry.inputs, tensors, strict=True):
+            static.copy_(x)
+    entry.graph.replay()
+    return tuple(x.clone() for x in entry.outputs)
