@@ -1,4 +1,4 @@
-"""Where the strided engine's time goes, and what its launch options buy.
+"""Where the strided engine's time goes, and what CUDA-graph replay of short calls buys.
 
     python benchmarks/profile_kernels.py       # on a CUDA machine; JSON to $OUT or /tmp
 
@@ -8,8 +8,7 @@ Eager time (CUDA events, median) forward and forward+backward:
 * at 8K, 16K and 32K, with CUDA-graph replay of the engine's kernels (``GRAPH_ROWS``, the
   default there) and without, against dense causal SDPA;
 * at 1M, paper configuration and one branch per head (``head_offsets="split"``, inputs
-  ``(B, S, H, D)``), with the merges and gradient adds on a second stream (``OVERLAP``, the
-  default) and in line;
+  ``(B, S, H, D)``);
 
 then the GPU kernels of one forward (torch.profiler, mean of 5) at 16K and for the split
 layout at 1M, and whether a warm call synchronises the host.
@@ -67,13 +66,12 @@ def breakdown(name: str, fn: Callable[[int], object]) -> None:
 
 
 @contextlib.contextmanager
-def options(graph_rows: int, overlap: bool) -> Iterator[None]:
-    saved = strided.GRAPH_ROWS, strided.OVERLAP
-    strided.GRAPH_ROWS, strided.OVERLAP = graph_rows, overlap
+def graph_rows(rows: int) -> Iterator[None]:
+    saved, strided.GRAPH_ROWS = strided.GRAPH_ROWS, rows
     try:
         yield
     finally:
-        strided.GRAPH_ROWS, strided.OVERLAP = saved
+        strided.GRAPH_ROWS = saved
 
 
 def inputs(S: int, layout: str, grad: bool, sets: int = 2) -> list[list[torch.Tensor]]:
@@ -111,26 +109,22 @@ for backward in (False, True):
     tag = "fwd+bwd" if backward else "fwd"
     for S in (8192, 16384, 32768):
         sets = inputs(S, "bhsd", backward)
-        for graph_rows in (strided.GRAPH_ROWS, 0):
-            with options(graph_rows, strided.OVERLAP):
-                key = f"paper{S}/{tag}/replay={graph_rows > 0}/ms"
-                res[key] = timeit(step(paper(), sets, backward))
+        for rows in (strided.GRAPH_ROWS, 0):
+            with graph_rows(rows):
+                res[f"paper{S}/{tag}/replay={rows > 0}/ms"] = timeit(step(paper(), sets, backward))
         res[f"paper{S}/{tag}/sdpa/ms"] = timeit(step(sdpa, sets, backward))
         print({k: round(v, 3) for k, v in res.items() if k.startswith(f"paper{S}/{tag}")})
-    for name, layout, kw in (("paper1M", "bhsd", {}), ("split1M", "bshd", {"head_offsets": "split"})):
+    split = {"head_offsets": "split"}
+    for name, layout, kw in (("paper1M", "bhsd", {}), ("split1M", "bshd", split)):
         sets = inputs(1 << 20, layout, backward, sets=1)
-        for overlap in (True, False):
-            with options(strided.GRAPH_ROWS, overlap):
-                res[f"{name}/{tag}/overlap={overlap}/ms"] = timeit(
-                    step(paper(**kw), sets, backward), n=10, warm=3
-                )
+        res[f"{name}/{tag}/ms"] = timeit(step(paper(**kw), sets, backward), n=10, warm=3)
         print({k: round(v, 3) for k, v in res.items() if k.startswith(f"{name}/{tag}")})
         del sets
         torch.cuda.empty_cache()
 
 with torch.no_grad():
     small = inputs(16384, "bhsd", False)
-    with options(0, False):
+    with graph_rows(0):
         breakdown("paper16K/no-replay", step(paper(), small, False))
     breakdown("paper16K", step(paper(), small, False))
     big = inputs(1 << 20, "bshd", False, sets=1)

@@ -19,7 +19,6 @@ call, ``M`` rows per segment, ``S`` positions, ``D`` head dim.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -38,9 +37,6 @@ __all__ = ["Call", "new_grads", "new_result", "plan", "strided_attention", "supp
 aten = torch.ops.aten
 CUDNN_MIN_ROWS = 16  # calls with fewer rows per segment run as matmuls
 CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of that size)
-OVERLAP = True
-"""Merges and gradient adds of calls that do not replay a graph run on a second CUDA stream,
-overlapping the next attention kernel."""
 GRAPH_ROWS = 1 << 19
 """Calls of at most this many query rows (``B * H * S``) on CUDA replay a CUDA graph of their
 kernels (:mod:`dilattn.engines.replay`): below it they are bound by launch time, not the
@@ -419,23 +415,13 @@ def views(
 
 
 def _forward(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    plan: Plan,
-    is_causal: bool,
-    scale: float,
-    overlap: bool = False,
+    query: Tensor, key: Tensor, value: Tensor, plan: Plan, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
     out, lse = new_result(query, value, plan)
     tensors = (query, key, value, out, lse)
-    side = _Side(query, overlap)
     for call, specs in views(plan, tensors, by_kv=(1, 2)):
         q, k, v, o, l = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
-        piece, piece_lse = _sdpa(q, k, v, is_causal, scale)
-        with side(piece, piece_lse):
-            _merge_into(o, l, piece, piece_lse, call.writes)
-    side.join()
+        _merge_into(o, l, *_sdpa(q, k, v, is_causal, scale), call.writes)
     return out, lse
 
 
@@ -449,19 +435,15 @@ def _backward(
     plan: Plan,
     is_causal: bool,
     scale: float,
-    overlap: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = new_grads(query, key, value, plan)
     tensors = (grad_out, query, key, value, out, lse, dq, dk, dv)
-    side = _Side(query, overlap)
     for call, specs in views(plan, tensors, by_kv=(2, 3, 7, 8)):
         g, q, k, v, o, l, *targets = (_at(x, spec) for x, spec in zip(tensors, specs, strict=True))
         pieces = _sdpa_backward(g, q, k, v, o, l.contiguous(), is_causal, scale)
         writes = (call.writes, call.writes_kv, call.writes_kv)
-        with side(*pieces):
-            for target, piece, write in zip(targets, pieces, writes, strict=True):
-                _add_rows(target, piece, write)
-    side.join()
+        for target, piece, write in zip(targets, pieces, writes, strict=True):
+            _add_rows(target, piece, write)
     return dq, dk, dv
 
 
@@ -482,38 +464,8 @@ def _launch(
         or x.shape[0] * x.shape[1] * x.shape[2] > GRAPH_ROWS
         or torch.cuda.is_current_stream_capturing()
     ):
-        return run(*tensors, overlap=OVERLAP and x.is_cuda)
+        return run(*tensors)
     return replay((fn.__name__, plan, is_causal, scale), run, tensors)
-
-
-class _Side:
-    """With ``overlap`` (on CUDA): the in-place merges and gradient adds, memory-bound, run on
-    a second stream, so that they overlap the next call's attention kernel (compute-bound);
-    they stay in order among themselves. Else they run in line."""
-
-    def __init__(self, x: Tensor, overlap: bool) -> None:
-        self.main = torch.cuda.current_stream(x.device) if overlap else None
-        self.side = _side_stream(x.device) if overlap else None
-
-    @contextlib.contextmanager
-    def __call__(self, *temporaries: Tensor) -> Iterator[None]:
-        if self.main is None or self.side is None:
-            yield
-            return
-        self.side.wait_stream(self.main)  # the call's results are written
-        with torch.cuda.stream(self.side):
-            yield
-        for x in temporaries:  # not reused by the main stream before the side is done
-            x.record_stream(self.side)
-
-    def join(self) -> None:
-        if self.main is not None and self.side is not None:
-            self.main.wait_stream(self.side)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
 
 def _unpack(branches: list[int], offsets: list[int], query: Tensor, key: Tensor) -> Plan:
