@@ -15,13 +15,9 @@ sequence, and documents only remove (query, key) pairs from them.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import _mask_mod_signature, _score_mod_signature, and_masks
-
-from dilattn._checks import Shapes, check_attention_inputs, check_q_offset, check_score_mod
+from torch.nn.attention.flex_attention import _mask_mod_signature, and_masks
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -61,44 +57,6 @@ def _from_cu_seqlens(cu_seqlens: object, length: int, device: torch.device) -> T
         )
     positions = torch.arange(length, device=device)
     return torch.searchsorted(cu_seqlens, positions, right=True).view(1, -1) - 1  # (1, L)
-
-
-class Checked(NamedTuple):
-    """An attention call's arguments, validated: shapes, query offset, padding, documents."""
-
-    shapes: Shapes
-    q_offset: int
-    key_padding_mask: Tensor | None
-    document_ids: Tensor | None
-
-
-def check_call(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    *,
-    enable_gqa: bool,
-    score_mod: _score_mod_signature | None,
-    q_offset: int,
-    key_padding_mask: Tensor | None,
-    document_ids: Tensor | None,
-    cu_seqlens: Tensor | None,
-) -> Checked:
-    """The checks every attention entry point (fast paths and references) makes."""
-    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
-    check_score_mod(score_mod)
-    q_offset = check_q_offset(q_offset)
-    padding, documents = check_variable_lengths(
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        batch=shapes.batch,
-        q_len=shapes.q_len,
-        kv_len=shapes.kv_len,
-        q_offset=q_offset,
-        device=query.device,
-    )
-    return Checked(shapes, q_offset, padding, documents)
 
 
 def check_variable_lengths(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
 
-from dilattn._checks import non_negative_int, positive_int, positive_ints
+from dilattn._checks import check_bool, non_negative_int, positive_int, positive_ints
 
 __all__ = ["DilatedConfig", "HeadOffsets", "Window", "make_window", "sliding_window"]
 
@@ -216,13 +216,14 @@ def make_window(
     is_causal: bool = False,
 ) -> Window:
     """The validated window; ``look_forward`` defaults to 0 when causal, else 1."""
+    check_bool("is_causal", is_causal)
     look_forward = (0 if is_causal else 1) if look_forward is None else look_forward
     window = Window(
         positive_int("window_size", window_size),
         non_negative_int("look_backward", look_backward),
         non_negative_int("look_forward", look_forward),
         bool(exact_windowsize),
-        bool(is_causal),
+        is_causal,
     )
     if is_causal and look_forward > 0:
         raise ValueError(f"causal attention cannot look forward: got look_forward={look_forward}")

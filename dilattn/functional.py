@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import check_bool, default_scale, number_in
-from dilattn._varlen import check_call, visibility_mask_mod
+from dilattn._call import AttentionCall, Extras
 from dilattn.config import DilatedConfig, HeadOffsets, sliding_window
 from dilattn.engines import BackendName, Dispatch, dispatch, strided
 from dilattn.engines.flex_strided import Visibility, captures_tensors, flex_strided_attention
@@ -130,33 +129,24 @@ def dilated_attention(
 
     Equivalent PyTorch code: ``dilattn.reference.dilated_attention_reference``.
     """
-    check_bool("is_causal", is_causal)
-    call = _prepare(
-        query,
-        key,
-        value,
-        segment_lengths,
-        dilation_rates,
-        head_offsets=head_offsets,
-        backend=backend,
-        enable_gqa=enable_gqa,
-        key_padding_mask=key_padding_mask,
-        document_ids=document_ids,
-        cu_seqlens=cu_seqlens,
-        score_mod=score_mod,
-        q_offset=q_offset,
-        dropout_p=dropout_p,
-        local_window=local_window,
-    )
-    config, engine = call.config, call.dispatch.engine
-    scale = default_scale(scale, query.shape[-1])
-    offsets = config.offsets(query.shape[1])
+    extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset, dropout_p)
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
+    call = AttentionCall.of(query, key, value, config, is_causal, scale, enable_gqa, extras)
+    out, lse = attend_call(call, backend)
+    return (out, lse) if return_lse else out
+
+
+def attend_call(call: AttentionCall[DilatedConfig], backend: BackendName) -> tuple[Tensor, Tensor]:
+    """:func:`dilated_attention` of a checked call, on the engine that ``backend`` picks: the
+    output ``(B, H, S_q, D_v)`` and the lse ``(B, H, S_q)``."""
+    query, key, value, config = call.query, call.key, call.value, call.pattern
+    engine = _dispatch(call, backend).engine
+    offsets = config.offsets(call.shapes.q_heads)
     if engine == "strided":
-        out, lse = strided.strided_attention(
-            query, key, value, config.branches, offsets, is_causal=is_causal, scale=scale
+        return strided.strided_attention(
+            query, key, value, config.branches, offsets, is_causal=call.is_causal, scale=call.scale
         )
-        return (out, lse) if return_lse else out
-    mods = PositionMods(visibility_mask_mod(call.padding, call.documents), score_mod)
+    mods = PositionMods(call.visibility, call.score_mod)
     if engine == "flex_strided":
         out, lse = flex_strided_attention(
             query,
@@ -164,10 +154,10 @@ def dilated_attention(
             value,
             config.branches,
             offsets,
-            is_causal=is_causal,
-            scale=scale,
+            is_causal=call.is_causal,
+            scale=call.scale,
             mods=mods,
-            visibility=Visibility(call.padding, call.documents),
+            visibility=Visibility(call.key_padding_mask, call.document_ids),
         )
     else:
         out, lse = branch_attention(
@@ -176,92 +166,51 @@ def dilated_attention(
             value,
             config.branches,
             offsets,
-            is_causal=is_causal,
-            scale=scale,
+            is_causal=call.is_causal,
+            scale=call.scale,
             backend="math" if engine == "math" else "flex",
             q_offset=call.q_offset,
             mods=mods,
             dropout_p=call.dropout_p,
         )
     if config.local_window is not None:
-        window = sliding_window(config.local_window, is_causal)
+        window = sliding_window(config.local_window, call.is_causal)
         local_out, local_lse = window_attention(
             query,
             key,
             value,
             window,
-            scale=scale,
+            scale=call.scale,
             backend="math" if engine == "math" else "flex",
             q_offset=call.q_offset,
             mods=mods,
             dropout_p=call.dropout_p,
         )
         out, lse = merge_by_lse([out, local_out], [lse, local_lse])
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
-class _Call(NamedTuple):
-    """A checked call: its configuration, validated extras and the engine that runs it."""
-
-    config: DilatedConfig
-    q_offset: int
-    padding: Tensor | None
-    documents: Tensor | None
-    dropout_p: float
-    dispatch: Dispatch
-
-
-def _prepare(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    *,
-    head_offsets: HeadOffsets,
-    backend: BackendName,
-    enable_gqa: bool,
-    key_padding_mask: Tensor | None,
-    document_ids: Tensor | None,
-    cu_seqlens: Tensor | None,
-    score_mod: _score_mod_signature | None,
-    q_offset: int,
-    dropout_p: float,
-    local_window: int | None,
-) -> _Call:
-    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
-    _, q_offset, padding, documents = check_call(
-        query,
-        key,
-        value,
-        enable_gqa=enable_gqa,
-        score_mod=score_mod,
-        q_offset=q_offset,
-        key_padding_mask=key_padding_mask,
-        document_ids=document_ids,
-        cu_seqlens=cu_seqlens,
-    )
-    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
+def _dispatch(call: AttentionCall[DilatedConfig], backend: BackendName) -> Dispatch:
+    """The engine that runs ``call``, and why every faster one was refused."""
     used = {
-        "key_padding_mask": padding is not None,
-        "document_ids/cu_seqlens": documents is not None,
-        "score_mod": score_mod is not None,
-        "q_offset": q_offset != 0,
-        "dropout_p": dropout_p > 0,
-        "local_window": local_window is not None,
+        "key_padding_mask": call.key_padding_mask is not None,
+        "document_ids/cu_seqlens": call.document_ids is not None,
+        "score_mod": call.score_mod is not None,
+        "q_offset": call.q_offset != 0,
+        "dropout_p": call.dropout_p > 0,
+        "local_window": call.pattern.local_window is not None,
     }
-    chosen = dispatch(
+    return dispatch(
         backend,
-        query,
-        key,
-        value,
-        head_offsets=config.head_offsets,
+        call.query,
+        call.key,
+        call.value,
+        head_offsets=call.pattern.head_offsets,
         extras=tuple(name for name, on in used.items() if on),
-        dropout_p=dropout_p,
-        q_offset=q_offset,
-        table_mod=not torch.compiler.is_compiling() and captures_tensors(score_mod),
+        dropout_p=call.dropout_p,
+        q_offset=call.q_offset,
+        table_mod=not torch.compiler.is_compiling() and captures_tensors(call.score_mod),
     )
-    return _Call(config, q_offset, padding, documents, dropout_p, chosen)
 
 
 def explain(
@@ -283,13 +232,14 @@ def explain(
     unknown = set(options) - set(_keyword_defaults())
     if unknown:
         raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
-    ignored = {"is_causal", "scale", "return_lse"}  # they do not change the engine
-    kwargs = {
-        name: options.get(name, default)
-        for name, default in _keyword_defaults().items()
-        if name not in ignored
-    }
-    return _prepare(query, key, value, segment_lengths, dilation_rates, **kwargs).dispatch
+    given = {**_keyword_defaults(), **options}
+    extras = Extras(**{name: given[name] for name in Extras._fields})
+    config = DilatedConfig.of(
+        segment_lengths, dilation_rates, given["head_offsets"], given["local_window"]
+    )
+    # is_causal, scale and return_lse do not change the engine: left out (and unchecked)
+    call = AttentionCall.of(query, key, value, config, False, None, given["enable_gqa"], extras)
+    return _dispatch(call, given["backend"])
 
 
 @functools.cache

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from dilattn._checks import check_attention_inputs, check_bool, check_q_offset, positive_int
-from dilattn._varlen import check_variable_lengths
+from dilattn._call import AttentionCall, Extras
+from dilattn._checks import positive_int
 
 __all__ = ["feature_map", "linear_attention"]
 
@@ -71,28 +71,17 @@ def linear_attention(
 
     Equivalent PyTorch code: ``dilattn.reference.linear_attention_reference``.
     """
-    shapes = check_attention_inputs(query, key, value, enable_gqa=enable_gqa)
     chunk_size = positive_int("chunk_size", chunk_size)
-    is_causal = check_bool("is_causal", is_causal)
-    q_offset = check_q_offset(q_offset)
-    padding, _ = check_variable_lengths(
-        key_padding_mask,
-        None,
-        None,
-        batch=shapes.batch,
-        q_len=shapes.q_len,
-        kv_len=shapes.kv_len,
-        q_offset=q_offset,
-        device=query.device,
-    )
+    extras = Extras(key_padding_mask, q_offset=q_offset)
+    call = AttentionCall.of(query, key, value, None, is_causal, None, enable_gqa, extras)
     acc = torch.promote_types(query.dtype, torch.float32)
-    G = shapes.q_heads // shapes.kv_heads
+    G = call.shapes.q_heads // call.shapes.kv_heads
     phi_q = rearrange(feature_map(query.to(acc)), "b (h g) s d -> b h g s d", g=G)
     phi_k, v = feature_map(key.to(acc)), value.to(acc)  # (B, H_kv, S_kv, D), (.., D_v)
-    if padding is not None:
-        phi_k = phi_k.masked_fill(padding[:, None, :, None], 0)
+    if call.key_padding_mask is not None:
+        phi_k = phi_k.masked_fill(call.key_padding_mask[:, None, :, None], 0)
     if is_causal:
-        out = _causal(phi_q, phi_k, v, chunk_size, q_offset)
+        out = _causal(phi_q, phi_k, v, chunk_size, call.q_offset)
     else:
         state = torch.einsum("bhsd,bhse->bhde", phi_k, v)[:, :, None]  # (B, H_kv, 1, D, D_v)
         numerator = torch.einsum("bhgsd,bhgde->bhgse", phi_q, state)

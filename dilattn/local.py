@@ -31,13 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import (
-    check_bool,
-    default_scale,
-    number_in,
-    positive_int,
-)
-from dilattn._varlen import check_call, visibility_mask_mod
+from dilattn._call import AttentionCall, Extras
+from dilattn._checks import check_bool, number_in, positive_int
 from dilattn.config import make_window
 from dilattn.engines.gather import PositionMods
 from dilattn.engines.window import window_attention
@@ -102,7 +97,6 @@ def local_attention(
 
     Equivalent PyTorch code: ``dilattn.reference.local_attention_reference``.
     """
-    check_bool("is_causal", is_causal)
     window = make_window(
         window_size,
         look_backward=look_backward,
@@ -112,20 +106,10 @@ def local_attention(
     )
     if backend == "strided":
         raise ValueError("local attention has no strided backend: use 'auto', 'flex' or 'math'")
-    shapes, q_offset, padding, documents = check_call(
-        query,
-        key,
-        value,
-        enable_gqa=enable_gqa,
-        score_mod=score_mod,
-        q_offset=q_offset,
-        key_padding_mask=key_padding_mask,
-        document_ids=document_ids,
-        cu_seqlens=cu_seqlens,
-    )
-    dropout_p = number_in("dropout_p", dropout_p, 0.0, 1.0)
+    extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset, dropout_p)
+    call = AttentionCall.of(query, key, value, window, is_causal, scale, enable_gqa, extras)
     chosen = resolve_backend(
-        backend, query, key, value, extras="a local window", dropout_p=dropout_p
+        backend, query, key, value, extras="a local window", dropout_p=call.dropout_p
     )
     assert chosen != "strided"
     out, lse = window_attention(
@@ -133,11 +117,11 @@ def local_attention(
         key,
         value,
         window,
-        scale=default_scale(scale, shapes.head_dim),
+        scale=call.scale,
         backend=chosen,
-        q_offset=q_offset,
-        mods=PositionMods(visibility_mask_mod(padding, documents), score_mod),
-        dropout_p=dropout_p,
+        q_offset=call.q_offset,
+        mods=PositionMods(call.visibility, call.score_mod),
+        dropout_p=call.dropout_p,
     )
     return (out, lse) if return_lse else out
 

@@ -32,21 +32,17 @@ A row with no visible key outputs 0 with lse ``-inf``, never NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import _score_mod_signature
 
-from dilattn._checks import (
-    as_device,
-    check_bool,
-    default_scale,
-)
+from dilattn._call import AttentionCall, Extras
+from dilattn._checks import check_bool
 from dilattn._softmax import softmax_with_lse
-from dilattn._varlen import check_call
-from dilattn.config import DilatedConfig, HeadOffsets, make_window
+from dilattn.config import DilatedConfig, HeadOffsets, Window, make_window, sliding_window
 
 __all__ = [
     "branch_mask",
@@ -108,7 +104,6 @@ def local_mask(
     Bucketed: ``p // W - look_backward <= p' // W <= p // W + look_forward``. Causal: and
     ``p' <= p``. ``look_forward`` defaults to 0 when causal, else 1.
     """
-    check_bool("is_causal", is_causal)
     window = make_window(
         window_size,
         look_backward=look_backward,
@@ -116,39 +111,21 @@ def local_mask(
         exact_windowsize=exact_windowsize,
         is_causal=is_causal,
     )
+    return _window_mask(window, q_len, kv_len, q_offset, device)
+
+
+def _window_mask(
+    window: Window, q_len: int, kv_len: int, q_offset: int, device: torch.device | str | None
+) -> Tensor:
+    """:func:`local_mask` of a validated window: bool ``(S_q, S_kv)``."""
     W, back, ahead = window.size, window.backward, window.forward
     q = torch.arange(q_offset, q_offset + q_len, device=device).view(-1, 1)
     k = torch.arange(kv_len, device=device).view(1, -1)
-    if exact_windowsize:
+    if window.exact:
         mask = (k >= q - back * W) & (k <= q + ahead * W)
     else:
         mask = (k // W >= q // W - back) & (k // W <= q // W + ahead)
-    return mask & (k <= q) if is_causal else mask
-
-
-def _local_branch(
-    local_window: int | None,
-    q_len: int,
-    kv_len: int,
-    is_causal: bool,
-    q_offset: int,
-    device: torch.device,
-) -> list[Tensor]:
-    """The local branch of a dilated configuration, ``[(1, S_q, S_kv)]``, or ``[]``."""
-    if local_window is None:
-        return []
-    mask = local_mask(
-        local_window,
-        look_backward=1,
-        look_forward=0 if is_causal else 1,
-        exact_windowsize=True,
-        q_len=q_len,
-        kv_len=kv_len,
-        is_causal=is_causal,
-        q_offset=q_offset,
-        device=device,
-    )
-    return [mask[None]]
+    return mask & (k <= q) if window.is_causal else mask
 
 
 def multiplicity(
@@ -169,6 +146,20 @@ def multiplicity(
     check_bool("is_causal", is_causal)
     config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
     kv_len = q_len if kv_len is None else kv_len
+    return _count(_branch_masks(config, num_heads, q_len, kv_len, is_causal, q_offset, device))
+
+
+def _branch_masks(
+    config: DilatedConfig,
+    num_heads: int,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool,
+    q_offset: int,
+    device: torch.device | str | None,
+) -> list[Tensor]:
+    """Which key each query sees in each branch: bool ``(H, S_q, S_kv)``, the local window's
+    ``(1, S_q, S_kv)`` last."""
     masks = [
         branch_mask(
             w,
@@ -182,74 +173,86 @@ def multiplicity(
         )
         for (w, r), offsets in zip(config.branches, config.offsets(num_heads), strict=True)
     ]
-    local = _local_branch(local_window, q_len, kv_len, is_causal, q_offset, as_device(device))
-    return torch.stack(masks + [m.expand_as(masks[0]) for m in local]).sum(0)
+    if config.local_window is not None:
+        window = sliding_window(config.local_window, is_causal)
+        masks.append(_window_mask(window, q_len, kv_len, q_offset, device)[None])
+    return masks
 
 
-class _Extras(NamedTuple):
-    """The extras of one call, checked: visibility ``(B, 1, S_q, S_kv)`` and the score mod."""
-
-    visible: Tensor | None
-    score_mod: _score_mod_signature | None
-    q_offset: int
+def _count(masks: list[Tensor]) -> Tensor:
+    """In how many of ``masks`` (the first ``(H, S_q, S_kv)``) a query sees a key: int64."""
+    return torch.stack([m.expand_as(masks[0]) for m in masks]).sum(0)
 
 
-def _prepare(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    enable_gqa: bool,
-    key_padding_mask: Tensor | None,
-    document_ids: Tensor | None,
-    cu_seqlens: Tensor | None,
-    score_mod: _score_mod_signature | None,
-    q_offset: int,
-) -> tuple[Tensor, Tensor, _Extras]:
-    """Keys and values repeated to the query heads, and the extras as dense tensors."""
-    shapes, q_offset, padding, documents = check_call(
-        query,
-        key,
-        value,
-        enable_gqa=enable_gqa,
-        score_mod=score_mod,
-        q_offset=q_offset,
-        key_padding_mask=key_padding_mask,
-        document_ids=document_ids,
-        cu_seqlens=cu_seqlens,
+def _masks(call: AttentionCall[DilatedConfig] | AttentionCall[Window]) -> list[Tensor]:
+    """Which key each query sees in each branch of the call's pattern: bool ``(H or 1, S_q,
+    S_kv)``."""
+    s, pattern, device = call.shapes, call.pattern, call.query.device
+    if isinstance(pattern, Window):
+        return [_window_mask(pattern, s.q_len, s.kv_len, call.q_offset, device)[None]]
+    return _branch_masks(
+        pattern, s.q_heads, s.q_len, s.kv_len, call.is_causal, call.q_offset, device
     )
+
+
+def _repeated(call: AttentionCall[Any]) -> tuple[Tensor, Tensor]:
+    """Keys and values with the query's heads: ``(B, H, S_kv, D)``, ``(B, H, S_kv, D_v)``."""
+    group = call.shapes.q_heads // call.shapes.kv_heads
+    return call.key.repeat_interleave(group, dim=1), call.value.repeat_interleave(group, dim=1)
+
+
+def _visible(call: AttentionCall[Any]) -> Tensor | None:
+    """The keys padding and documents leave each query: bool ``(B, 1, S_q, S_kv)`` (``None``:
+    every key)."""
     visible = None
-    if padding is not None:
-        visible = ~padding[:, None, None, :]  # (B, 1, 1, S_kv)
-    if documents is not None:
-        q_docs = documents[:, q_offset : q_offset + shapes.q_len]
-        same = q_docs[:, None, :, None] == documents[:, None, None, : shapes.kv_len]
+    if call.key_padding_mask is not None:
+        visible = ~call.key_padding_mask[:, None, None, :]  # (B, 1, 1, S_kv)
+    if call.document_ids is not None:
+        documents, s = call.document_ids, call.shapes
+        q_docs = documents[:, call.q_offset : call.q_offset + s.q_len]
+        same = q_docs[:, None, :, None] == documents[:, None, None, : s.kv_len]
         visible = same if visible is None else visible & same  # (B, 1, S_q, S_kv)
-    group = shapes.q_heads // shapes.kv_heads
-    key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
-    return key, value, _Extras(visible, score_mod, q_offset)
+    return visible
 
 
-def _scores(query: Tensor, key: Tensor, scale: float, extras: _Extras) -> Tensor:
-    """Scaled scores ``(B, H, S_q, S_kv)``, through the score mod at absolute positions."""
-    scores = query @ key.transpose(-2, -1) * scale
-    if extras.score_mod is None:
+def _scores(call: AttentionCall[Any], key: Tensor) -> Tensor:
+    """Scaled scores ``(B, H, S_q, S_kv)`` against ``key`` ``(B, H, S_kv, D)``, through the
+    score mod at absolute positions."""
+    scores = call.query @ key.transpose(-2, -1) * call.scale
+    if call.score_mod is None:
         return scores
     B, H, q_len, kv_len = scores.shape
+    device = call.query.device
     index = (
-        torch.arange(n, device=query.device).view(shape)
+        torch.arange(n, device=device).view(shape)
         for n, shape in ((B, (-1, 1, 1, 1)), (H, (1, -1, 1, 1)), (kv_len, (1, 1, 1, -1)))
     )
     b, h, kv_idx = index
-    q_idx = torch.arange(extras.q_offset, extras.q_offset + q_len, device=query.device)
-    return extras.score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx).to(scores.dtype)
+    q_idx = torch.arange(call.q_offset, call.q_offset + q_len, device=device)
+    return call.score_mod(scores, b, h, q_idx.view(1, 1, -1, 1), kv_idx).to(scores.dtype)
 
 
-def _masked_softmax(scores: Tensor, bias: Tensor, extras: _Extras) -> tuple[Tensor, Tensor]:
-    """Softmax and lse of ``scores + bias`` (``bias`` ``(H, S_q, S_kv)``, ``-inf`` = masked)."""
-    scores = scores + bias
-    if extras.visible is not None:
-        scores = scores.masked_fill(~extras.visible, -torch.inf)
+def _softmax(call: AttentionCall[Any], scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax and lse of ``scores`` ``(B, H, S_q, S_kv)`` (``-inf`` = masked) over the keys
+    that padding and documents leave."""
+    visible = _visible(call)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, -torch.inf)
     return softmax_with_lse(scores, dim=-1)
+
+
+def _merged(call: AttentionCall[DilatedConfig] | AttentionCall[Window]) -> tuple[Tensor, Tensor]:
+    """Masked softmax attention in each branch, merged by the softmax denominators: the output
+    ``(B, H, S_q, D_v)`` and the lse ``(B, H, S_q)``."""
+    key, value = _repeated(call)
+    scores = _scores(call, key)
+    outputs, lses = [], []
+    for mask in _masks(call):
+        probs, lse = _softmax(call, scores.masked_fill(~mask, -torch.inf))
+        outputs.append(probs @ value)
+        lses.append(lse)
+    weights, merged_lse = softmax_with_lse(torch.stack(lses), dim=0)  # (N, B, H, S_q)
+    return (weights.unsqueeze(-1) * torch.stack(outputs)).sum(0), merged_lse
 
 
 def dilated_attention_reference(
@@ -296,44 +299,11 @@ def dilated_attention_reference(
         ``(B, H, S_q, D_v)``: ``O = sum_i exp(lse_i - L) O_i`` with ``L = logsumexp_i lse_i``;
         rows that see no key give 0 (and ``L = -inf``).
     """
-    check_bool("is_causal", is_causal)
+    extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset)
     config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
-    key, value, extras = _prepare(
-        query,
-        key,
-        value,
-        enable_gqa,
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        score_mod,
-        q_offset,
-    )
-    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    masks = [
-        branch_mask(
-            w,
-            r,
-            offsets,
-            q_len=q_len,
-            kv_len=kv_len,
-            is_causal=is_causal,
-            q_offset=extras.q_offset,
-            device=query.device,
-        )
-        for (w, r), offsets in zip(config.branches, config.offsets(query.shape[1]), strict=True)
-    ]
-    masks += _local_branch(local_window, q_len, kv_len, is_causal, extras.q_offset, query.device)
-    outputs, lses = [], []
-    for mask in masks:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-        probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
-        outputs.append(probs @ value)
-        lses.append(lse)
-    weights, merged_lse = softmax_with_lse(torch.stack(lses), dim=0)  # (N, B, H, S_q)
-    out = (weights.unsqueeze(-1) * torch.stack(outputs)).sum(0)
-    return (out, merged_lse) if return_lse else out
+    call = AttentionCall.of(query, key, value, config, is_causal, scale, enable_gqa, extras)
+    out, lse = _merged(call)
+    return (out, lse) if return_lse else out
 
 
 def dilated_attention_dense(
@@ -357,32 +327,12 @@ def dilated_attention_dense(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The same function as :func:`dilated_attention_reference`, as ONE softmax over all keys
     with bias ``log m(h, p, p')`` (``-inf`` where ``m = 0``). Arguments and result likewise."""
-    check_bool("is_causal", is_causal)
-    key, value, extras = _prepare(
-        query,
-        key,
-        value,
-        enable_gqa,
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        score_mod,
-        q_offset,
-    )
-    m = multiplicity(
-        segment_lengths,
-        dilation_rates,
-        num_heads=query.shape[1],
-        q_len=query.shape[-2],
-        kv_len=key.shape[-2],
-        is_causal=is_causal,
-        head_offsets=head_offsets,
-        q_offset=extras.q_offset,
-        device=query.device,
-        local_window=local_window,
-    )
-    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
-    probs, lse = _masked_softmax(scores, torch.log(m.to(query.dtype)), extras)  # log 0 = -inf
+    extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset)
+    config = DilatedConfig.of(segment_lengths, dilation_rates, head_offsets, local_window)
+    call = AttentionCall.of(query, key, value, config, is_causal, scale, enable_gqa, extras)
+    key, value = _repeated(call)
+    m = _count(_masks(call))  # (H, S_q, S_kv)
+    probs, lse = _softmax(call, _scores(call, key) + torch.log(m.to(query.dtype)))  # log 0 = -inf
     out = probs @ value
     return (out, lse) if return_lse else out
 
@@ -408,33 +358,16 @@ def local_attention_reference(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Local attention by the definition: softmax over the keys of :func:`local_mask`.
     Arguments and result as :func:`dilattn.local_attention`."""
-    check_bool("is_causal", is_causal)
-    key, value, extras = _prepare(
-        query,
-        key,
-        value,
-        enable_gqa,
-        key_padding_mask,
-        document_ids,
-        cu_seqlens,
-        score_mod,
-        q_offset,
-    )
-    mask = local_mask(
+    window = make_window(
         window_size,
         look_backward=look_backward,
         look_forward=look_forward,
         exact_windowsize=exact_windowsize,
-        q_len=query.shape[-2],
-        kv_len=key.shape[-2],
         is_causal=is_causal,
-        q_offset=extras.q_offset,
-        device=query.device,
     )
-    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-    scores = _scores(query, key, default_scale(scale, query.shape[-1]), extras)
-    probs, lse = _masked_softmax(scores, bias.masked_fill(~mask, -torch.inf), extras)
-    out = probs @ value
+    extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset)
+    call = AttentionCall.of(query, key, value, window, is_causal, scale, enable_gqa, extras)
+    out, lse = _merged(call)
     return (out, lse) if return_lse else out
 
 
@@ -452,17 +385,17 @@ def linear_attention_reference(
     ``A = phi(Q) phi(K)^T`` (``phi = elu + 1``), masked (causal: key position
     ``<= q_offset + i``; padding), each row divided by its sum (0 for an empty row), times
     ``V``. Arguments and result as :func:`dilattn.linear_attention`."""
-    check_bool("is_causal", is_causal)
-    key, value, extras = _prepare(
-        query, key, value, enable_gqa, key_padding_mask, None, None, None, q_offset
-    )
+    extras = Extras(key_padding_mask, q_offset=q_offset)
+    call = AttentionCall.of(query, key, value, None, is_causal, None, enable_gqa, extras)
+    key, value = _repeated(call)
     phi_q, phi_k = F.elu(query) + 1, F.elu(key) + 1
     weights = phi_q @ phi_k.transpose(-2, -1)  # (B, H, S_q, S_kv)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if is_causal:
-        q = torch.arange(extras.q_offset, extras.q_offset + q_len, device=query.device)
+        q = torch.arange(call.q_offset, call.q_offset + q_len, device=query.device)
         weights = weights.masked_fill(torch.arange(kv_len, device=query.device) > q[:, None], 0)
-    if extras.visible is not None:
-        weights = weights.masked_fill(~extras.visible, 0)
+    visible = _visible(call)
+    if visible is not None:
+        weights = weights.masked_fill(~visible, 0)
     total = weights.sum(-1, keepdim=True)
     return weights / total.masked_fill(total == 0, 1) @ value

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from dilattn._call import Extras
 from dilattn._checks import positive_int
 from dilattn.linear import linear_attention
 from dilattn.local import local_attention
@@ -149,39 +150,41 @@ class MixedHeadAttention(MultiheadDilatedAttention):
             start = end
         self.groups = tuple(groups)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, **kwargs: Any) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, extras: Extras
+    ) -> Tensor:
         """Each group of heads ``(B, H_g, S_q, D)`` by its kind, concatenated along heads."""
         outputs = []
         for group in self.groups:
             args = q[:, group.heads], k[:, group.kv_heads], v[:, group.kv_heads]
             if group.kind == "dilated":
-                outputs.append(super()._attend(*args, q_offset, **kwargs))
+                outputs.append(super()._attend(*args, is_causal=is_causal, extras=extras))
                 continue
             enable_gqa = args[0].shape[1] != args[1].shape[1]
             if group.kind == "local":
                 out = local_attention(
                     *args,
                     self.local_window_size,
+                    is_causal=is_causal,
                     enable_gqa=enable_gqa,
                     backend="auto" if self.backend == "strided" else self.backend,
-                    q_offset=q_offset,
-                    **kwargs,
+                    **extras._asdict(),
                 )
                 assert isinstance(out, Tensor)
                 outputs.append(out)
                 continue
-            if kwargs["document_ids"] is not None or kwargs["cu_seqlens"] is not None:
+            if extras.document_ids is not None or extras.cu_seqlens is not None:
                 raise ValueError(
                     "linear heads do not take document_ids/cu_seqlens (packed documents)"
                 )
             outputs.append(
                 linear_attention(
                     *args,
-                    is_causal=kwargs["is_causal"],
+                    is_causal=is_causal,
                     enable_gqa=enable_gqa,
                     chunk_size=self.linear_chunk_size,
-                    key_padding_mask=kwargs["key_padding_mask"],
-                    q_offset=q_offset,
+                    key_padding_mask=extras.key_padding_mask,
+                    q_offset=extras.q_offset,
                 )
             )
         return torch.cat(outputs, 1)  # (B, H, S_q, D)

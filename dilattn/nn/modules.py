@@ -13,9 +13,10 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import _score_mod_signature
 
+from dilattn._call import AttentionCall, Extras
 from dilattn._checks import check_bool, number_in, positive_int
 from dilattn.config import DilatedConfig, HeadOffsets
-from dilattn.functional import BackendName, dilated_attention
+from dilattn.functional import BackendName, attend_call
 from dilattn.nn.cache import KVCache
 from dilattn.positions import T5RelativeBias, alibi_score_mod, rotary, xpos, xpos_limit
 
@@ -72,26 +73,11 @@ class DilatedAttention(nn.Module):
     ) -> Tensor:
         """q ``(B, H, S_q, D)``, k ``(B, H_kv, S_kv, D)``, v ``(B, H_kv, S_kv, D_v)``
         -> ``(B, H, S_q, D_v)``; the keyword arguments as in :func:`dilattn.dilated_attention`."""
-        out = dilated_attention(
-            query,
-            key,
-            value,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
-            is_causal=self.is_causal,
-            scale=self.scale,
-            enable_gqa=self.enable_gqa,
-            head_offsets=self.config.head_offsets,
-            backend=self.backend,
-            key_padding_mask=key_padding_mask,
-            document_ids=document_ids,
-            cu_seqlens=cu_seqlens,
-            score_mod=score_mod,
-            q_offset=q_offset,
-            local_window=self.config.local_window,
+        extras = Extras(key_padding_mask, document_ids, cu_seqlens, score_mod, q_offset)
+        call = AttentionCall.of(
+            query, key, value, self.config, self.is_causal, self.scale, self.enable_gqa, extras
         )
-        assert isinstance(out, Tensor)
-        return out
+        return attend_call(call, self.backend)[0]
 
     def extra_repr(self) -> str:
         c = self.config
@@ -455,13 +441,11 @@ class MultiheadDilatedAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q_offset = 0 if kv_cache is None else kv_cache.length
         q, k = self._rotate(q, q_offset, key=False), self._rotate(k, q_offset, key=True)
-        attend = functools.partial(
-            self._attend,
-            is_causal=self.is_causal if is_causal is None else is_causal,
-            key_padding_mask=key_padding_mask,
-            document_ids=document_ids,
-            cu_seqlens=cu_seqlens,
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        mod = self._score_mod()
+        extras = Extras(key_padding_mask, document_ids, cu_seqlens, mod, q_offset, dropout_p)
+        causal = self.is_causal if is_causal is None else is_causal
+        attend = functools.partial(self._attend, is_causal=causal, extras=extras)
         out = attend(q, k, v) if kv_cache is None else self._decode(attend, q, k, v, kv_cache)
         out = rearrange(out, "b h s d -> b s (h d)")
         if self.norm is not None:
@@ -499,25 +483,13 @@ class MultiheadDilatedAttention(nn.Module):
                 f"exponentially), got {last}; use position='rotary' or a larger xpos_scale_base"
             )
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_offset: int = 0, **kwargs: Any) -> Tensor:
-        """Dilated attention of the heads ``(B, H, S_q, D)``, query row 0 at ``q_offset``."""
-        out = dilated_attention(
-            q,
-            k,
-            v,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
-            enable_gqa=k.shape[1] != q.shape[1],
-            head_offsets=self.config.head_offsets,
-            backend=self.backend,
-            score_mod=self._score_mod(),
-            q_offset=q_offset,
-            dropout_p=self.dropout if self.training else 0.0,
-            local_window=self.config.local_window,
-            **kwargs,
-        )
-        assert isinstance(out, Tensor)
-        return out
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool, extras: Extras
+    ) -> Tensor:
+        """Dilated attention of the heads ``(B, H, S_q, D)``."""
+        gqa = k.shape[1] != q.shape[1]
+        call = AttentionCall.of(q, k, v, self.config, is_causal, None, gqa, extras)
+        return attend_call(call, self.backend)[0]
 
     @staticmethod
     def _decode(
@@ -528,7 +500,7 @@ class MultiheadDilatedAttention(nn.Module):
         start = kv_cache.length
         keys, values = kv_cache.append(k, v)
         try:
-            return attend(q, keys, values, q_offset=start)
+            return attend(q, keys, values)
         except Exception:
             kv_cache.truncate(start)
             raise
