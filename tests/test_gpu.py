@@ -436,12 +436,15 @@ def test_local_forward_and_backward(case: Case, kind: str) -> None:
 )
 def test_flex_engine_on_strided_views_forward_and_backward(options, is_causal) -> None:
     """The flex engine (strided views, block masks from documents and padding, mods on
-    positions): GQA, (B, S, H, D) queries, w % r != 0, odd length, gradients through the
-    output (non-contiguous) and the lse, against float64."""
+    positions): GQA, (B, S, H, D) queries, keys and values of a fused projection,
+    w % r != 0, odd length, gradients through the output (non-contiguous) and the lse,
+    against float64."""
     torch.manual_seed(0)
     B, H, H_kv, S, D = 2, 6, 2, 1537, 64
     q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    k, v = (torch.randn(B, H_kv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    # k and v as from a fused projection: views that are not dense (their grads will be)
+    kv = torch.randn(B, S, 2, H_kv, D, device="cuda", dtype=torch.bfloat16)
+    k, v = kv.permute(2, 0, 3, 1, 4)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))

@@ -203,7 +203,7 @@ def test_mixed_reversible_lm_on_cuda() -> None:
     config = LongNetConfig(
         d_model=256, num_heads=8, num_layers=3, ffn_dim=512, num_kv_heads=2,
         segment_lengths=(64, 128), dilation_rates=(1, 2), local_window_size=64, ff_chunks=3,
-        head_plan=(HeadCounts(local=8), HeadCounts(2, 4, 2), HeadCounts(0, 4, 4)),
+        head_plan=(HeadCounts(local=8), HeadCounts(4, 4, 0), HeadCounts(0, 4, 4)),
         reversible=True, dropout=0.1,
     )  # fmt: skip
     model = LongNetLM(256, config, device="cuda")

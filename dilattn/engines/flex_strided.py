@@ -284,8 +284,15 @@ def _calls(
     plan: strided.Plan,
 ) -> Iterator[tuple[strided.Call, tuple[strided.Spec, ...], Geometry]]:
     index = _index_layout(query)
-    for call, specs in strided.views(plan, (query, key, value, out, lse), (1, 2), (index,)):
-        yield call, specs[:5], _geometry(specs[5], index, query.device)
+    # the gradients the backward allocates (empty_like: a view that is not dense, such as q
+    # of a fused projection, gets dense strides), folded with the inputs
+    grads = tuple(
+        (tuple(x.shape), torch.empty_like(x, device="meta").stride(), i > 0)
+        for i, x in enumerate((query, key, value))
+    )
+    tensors = (query, key, value, out, lse)
+    for call, specs in strided.views(plan, tensors, (1, 2), (index, *grads)):
+        yield call, specs[:5] + specs[6:], _geometry(specs[5], index, query.device)
 
 
 def _forward(
@@ -315,7 +322,7 @@ def _forward(
             o, l = _run_flex(
                 q, k, v, block_mask, scale, score_mod, compiled=_compiled_views, limit=limit
             )
-        acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:], strict=True))
+        acc, acc_lse = (strided._at(x, s) for x, s in zip((out, lse), specs[3:5], strict=True))
         strided._merge_into(acc, acc_lse, o.detach(), l.detach(), call.writes)
         if keep:
             kept.append(_Call(call, specs, (q, k, v), (o, l)))
@@ -349,7 +356,7 @@ def _backward(
         )
         writes = (kept.call.writes, kept.call.writes_kv, kept.call.writes_kv)
         for target, spec, piece, write in zip(
-            (dq, dk, dv), kept.specs, grads, writes, strict=False
+            (dq, dk, dv), kept.specs[5:], grads, writes, strict=True
         ):
             strided._add_rows(strided._at(target, spec), piece, write)
     return dq, dk, dv

@@ -51,11 +51,10 @@ def replay(
 ) -> tuple[Tensor, ...]:
     """``fn(*tensors)`` (CUDA tensors in, a tuple of new tensors out), run by replaying a
     graph captured at the first call with this ``key``. ``key`` must determine every host
-    decision ``fn`` takes; the tensors' shapes, strides, dtypes, device and the current
-    stream are added to it."""
-    stream = torch.cuda.current_stream()
+    decision ``fn`` takes; the tensors' shapes, strides, dtypes and device are added to it.
+    Run it on one stream: replays share their buffers."""
     layout = tuple((x.shape, x.stride(), x.dtype) for x in tensors)
-    full_key = (key, layout, tensors[0].device, stream.cuda_stream)
+    full_key = (key, layout, tensors[0].device)
     entry = _GRAPHS.get(full_key)
     if entry is None:
         entry = _capture(fn, tensors)

@@ -38,9 +38,9 @@ aten = torch.ops.aten
 CUDNN_MIN_ROWS = 16  # calls with fewer rows per segment run as matmuls
 CALL_ROWS = 1 << 21  # rows of one call (its output and lse are temporaries of that size)
 GRAPH_ROWS = 1 << 19
-"""Calls of at most this many query rows (``B * H * S``) on CUDA replay a CUDA graph of their
-kernels (:mod:`dilattn.engines.replay`): below it they are bound by launch time, not the
-GPU. 0 turns replay off."""
+"""Calls of at most this many query rows (``B * H * S``) on a CUDA device's default stream
+replay a CUDA graph of their kernels (:mod:`dilattn.engines.replay`): below it they are
+bound by launch time, not the GPU. 0 turns replay off."""
 
 
 class Heads(NamedTuple):
@@ -455,14 +455,15 @@ def _launch(
     scale: float,
 ) -> tuple[Tensor, ...]:
     """``fn(*tensors, plan, is_causal, scale)`` (``tensors[0]`` ``(B, H, S, *)``), replaying a
-    CUDA graph of its kernels when on CUDA with at most ``GRAPH_ROWS`` rows, and not inside
-    another capture (``torch.compile``'s ``reduce-overhead`` already graphs the call)."""
+    CUDA graph of its kernels when on CUDA with at most ``GRAPH_ROWS`` rows, on the device's
+    default stream (captures, such as ``torch.compile``'s ``reduce-overhead`` graphs, and their
+    warm-ups run on other streams, and graph the call themselves)."""
     run = functools.partial(fn, plan=plan, is_causal=is_causal, scale=scale)
     x = tensors[0]
     if (
         not x.is_cuda
         or x.shape[0] * x.shape[1] * x.shape[2] > GRAPH_ROWS
-        or torch.cuda.is_current_stream_capturing()
+        or torch.cuda.current_stream(x.device) != torch.cuda.default_stream(x.device)
     ):
         return run(*tensors)
     return replay((fn.__name__, plan, is_causal, scale), run, tensors)
