@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dilattn
+from dilattn._softmax import softmax_with_lse
 from dilattn._varlen import visibility_mask_mod
-from dilattn.engines import flex_strided, strided
+from dilattn.engines import Dispatch, flex_strided, strided
 from dilattn.engines.gather import PositionMods
 from dilattn.reference import dilated_attention_reference
 
@@ -46,6 +47,56 @@ def test_forward_matches_reference(data, case: Case, dtype: torch.dtype, bshd: b
     base, base_lse = dilated_attention_reference(q, k, v, *args, **reference)
     assert_within_budget(out, base, truth)
     assert_within_budget(lse.to(torch.float32), base_lse.float(), truth_lse)
+
+
+def _math_flex(q, k, v, block_mask, scale, score_mod, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's result in differentiable torch ops (CPU flex has no backward): the
+    score mod on every score, the listed blocks and the mask mod inside them."""
+    X, G, M, _ = q.shape
+    N = k.shape[2]
+    k, v = (x.repeat_interleave(G // x.shape[1], dim=1).float() for x in (k, v))
+    x, g, m, n = (
+        torch.arange(size).view([-1 if d == dim else 1 for d in range(4)])
+        for dim, size in enumerate((X, G, M, N))
+    )
+    scores = q.float() @ k.transpose(-1, -2) * scale
+    if score_mod is not None:
+        scores = score_mod(scores, x, g, m, n)
+    rows, cols = block_mask.BLOCK_SIZE
+    listed = block_mask.to_dense().repeat_interleave(rows, -2).repeat_interleave(cols, -1)
+    visible = listed[..., :M, :N].bool() & block_mask.mask_mod(x, g, m, n)
+    probs, lse = softmax_with_lse(scores.masked_fill(~visible, -torch.inf), dim=-1)
+    return (probs @ v).to(q.dtype), lse
+
+
+@examples(15)
+@given(data=st.data(), case=cases(max_len=300, same_lengths=True, max_segment=300))
+def test_backward_matches_reference(data, case: Case) -> None:
+    """The engine's backward (each call's flex backward with the merged result's weights)
+    against the reference's gradients, through the output and the lse, with padding,
+    documents and score mods, keys and values that are views with wider rows (their
+    gradients are dense): FlexAttention replaced by the same maths in torch ops."""
+    kw = data.draw(extras(case, q_offset=False)).kwargs(case)
+    (q64, k64, v64), (q, k, v) = case.inputs(torch.float32)
+    # views that are not dense, as of a fused projection (wider rows than D)
+    k, v = (torch.nn.functional.pad(x, (0, 3))[..., : x.shape[-1]] for x in (k, v))
+    inputs = [x.requires_grad_() for x in (q, k, v, q64, k64, v64)]
+    args = (case.segment_lengths, case.dilation_rates)
+    kwargs = {**case.kwargs, **kw, "return_lse": True}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flex_strided, "_run_flex", _math_flex)
+        chosen = Dispatch("flex_strided", ())
+        patch.setattr(dilattn.functional, "_dispatch", lambda *_: chosen)
+        out, lse = dilattn.dilated_attention(q, k, v, *args, **kwargs, backend="flex")
+        truth, truth_lse = dilated_attention_reference(q64, k64, v64, *args, **kwargs)
+        grads = (torch.randn_like(truth), torch.randn_like(truth_lse))
+        finite = [
+            torch.where(x.isinf(), 0.0, g) for x, g in zip((truth, truth_lse), grads, strict=True)
+        ]
+        ours = torch.autograd.grad((out, lse), inputs[:3], [g.float() for g in finite])
+    want = torch.autograd.grad((truth, truth_lse), inputs[3:], finite)
+    for got, expected in zip(ours, want, strict=True):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 def _view_mask(mask_mod, shape: tuple[int, int, int]) -> torch.Tensor:

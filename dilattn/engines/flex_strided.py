@@ -380,7 +380,7 @@ class _FlexStrided(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         plan, is_causal, scale, mods, vis = options
         # off CUDA flex has no backward: the dispatcher refuses q, k, v that need one
-        keep = query.is_cuda and any(ctx.needs_input_grad[:3])
+        keep = any(ctx.needs_input_grad[:3])
         out, lse, calls = _forward(query, key, value, plan, is_causal, scale, mods, vis, keep)
         ctx.calls, ctx.plan = calls, plan
         ctx.save_for_backward(query, key, value, out, lse)
