@@ -210,7 +210,9 @@ def test_mixed_reversible_lm_on_cuda() -> None:
     tokens = torch.randint(0, 256, (2, 500), device="cuda")
     reversible = _output_and_grads(model, tokens)
     plain = _output_and_grads(model, tokens, lambda t: _plain_reversible_lm(model, t))
-    _assert_same(reversible, plain, atol=2e-4, rtol=1e-3)
+    for got, want in zip((reversible[0], *reversible[1]), (plain[0], *plain[1]), strict=True):
+        # float32: inverting the coupling rounds (gradients reach ~4e3; CPU float64: 1e-13)
+        assert (got - want).norm() <= 2e-4 * want.norm()
     with torch.autocast("cuda", torch.bfloat16):
         logits = model(tokens[:, :-1])
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["CACHED", "replay"]
+__all__ = ["CACHED", "clear", "replay"]
 
 CACHED = 4
 """Captured graphs kept (least recently used dropped first); each holds its own buffers."""
@@ -31,6 +31,11 @@ class _Graph(NamedTuple):
 
 
 _GRAPHS: OrderedDict[Hashable, _Graph] = OrderedDict()
+
+
+def clear() -> None:
+    """Drop every captured graph and its buffers (their memory returns to the allocator)."""
+    _GRAPHS.clear()
 
 
 def _capture(fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]) -> _Graph:
