@@ -8,8 +8,9 @@
    library's policy (the first ``STATIC_SHAPES`` shapes get kernels of their own), then with
    every shape dynamic (``STATIC_SHAPES = 0``, the dynamic kernel compiled on another shape
    first, as torch's automatic dynamic shapes would).
-2. The flex branch path of ``dilated_attention`` (paper configuration, causal, H = 12,
-   D = 64, bf16) at 8K, 32K and 128K: one call between CUDA events (median of 10), and the
+2. The gathered flex engine (``flex_gather``, called directly: ``backend="flex"`` takes
+   ``flex_strided`` for these calls; paper configuration, causal, H = 12, D = 64, bf16) at
+   8K, 32K and 128K: one call between CUDA events (median of 10), and the
    peak memory over its inputs.
 """
 
@@ -86,8 +87,14 @@ def static_against_dynamic() -> None:
 
 
 def branch_path() -> None:
+    config = dilattn.DilatedConfig(*PAPER)
+
     def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out: Tensor = dilattn.dilated_attention(q, k, v, *PAPER, is_causal=True, backend="flex")
+        branches, offsets = config.branches, config.offsets(q.shape[1])
+        scale = q.shape[-1] ** -0.5
+        out, _ = gather.branch_attention(
+            q, k, v, branches, offsets, is_causal=True, scale=scale, backend="flex"
+        )
         return out
 
     for backward in (False, True):
