@@ -240,6 +240,25 @@ def test_strided_replay_equals_in_line_launches(
         torch.testing.assert_close(grad, want_grad, atol=2e-2, rtol=1e-2)  # cuDNN's atomics
 
 
+def test_strided_replay_captured_in_inference_mode_serves_training() -> None:
+    """A layout captured under torch.inference_mode (its buffers would be inference tensors,
+    which may not be written outside it) then replays for a training step."""
+    args = ((512, 1024), (1, 3))
+    q, k, v = (torch.randn(1, 4, 2000, 64, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
+    with torch.inference_mode():
+        for _ in range(3):  # in line, captured, replayed
+            dilated_attention(q, k, v, *args, is_causal=True)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = dilated_attention(q, k, v, *args, is_causal=True)
+    out.float().square().sum().backward()
+    with torch.no_grad():
+        want = dilated_attention(
+            *(x.float() for x in (q, k, v)), *args, is_causal=True, backend="math"
+        )
+    assert (out.float() - want).abs().max() < 0.02
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
 def test_strided_path_is_deterministic_at_16k() -> None:
     """Regression: the in-place merge kernel read rows that other threads of its block had
     already written (its lse vector is replicated across threads), so one run in a few was

@@ -44,6 +44,7 @@ def clear() -> None:
     _SEEN.clear()
 
 
+@torch.inference_mode(False)  # buffers that later calls, in any mode, may write into
 def _capture(fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]) -> _Graph:
     inputs = tuple(torch.empty_like(x).copy_(x) for x in tensors)  # dense, same dim order
     side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
