@@ -32,7 +32,7 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]
     def capture(fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]):
         shapes.append(tuple(tensors[0].shape))
         graph = _Graph(fn, tuple(x.clone() for x in tensors))
-        return replay._Graph(graph, graph.inputs, graph.outputs)  # type: ignore[arg-type]
+        return replay._Graph(graph.replay, graph.inputs, graph.outputs)
 
     monkeypatch.setattr(replay, "_capture", capture)
     monkeypatch.setattr(replay, "CACHED", 2)

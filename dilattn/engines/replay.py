@@ -26,7 +26,7 @@ CACHED = 4
 
 
 class _Graph(NamedTuple):
-    graph: torch.cuda.CUDAGraph
+    launch: Callable[[], None]  # replays the graph on its device's current stream
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
 
@@ -46,16 +46,23 @@ def clear() -> None:
 
 @torch.inference_mode(False)  # buffers that later calls, in any mode, may write into
 def _capture(fn: Callable[..., tuple[Tensor, ...]], tensors: tuple[Tensor, ...]) -> _Graph:
-    inputs = tuple(torch.empty_like(x).copy_(x) for x in tensors)  # dense, same dim order
-    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*inputs)  # warm-up outside the capture: cuDNN plans, Triton compiles, allocations
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        outputs = fn(*inputs)
-    return _Graph(graph, inputs, outputs)
+    device = tensors[0].device
+    with torch.cuda.device(device):  # streams and the capture on the tensors' device
+        inputs = tuple(torch.empty_like(x).copy_(x) for x in tensors)  # dense, same dim order
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*inputs)  # warm-up outside the capture: cuDNN plans, Triton compiles, allocations
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = fn(*inputs)
+
+    def launch() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return _Graph(launch, inputs, outputs)
 
 
 def replay(
@@ -86,5 +93,5 @@ def replay(
         _GRAPHS.move_to_end(full_key)
         for static, x in zip(entry.inputs, tensors, strict=True):
             static.copy_(x)
-    entry.graph.replay()
+    entry.launch()
     return tuple(x.clone() for x in entry.outputs)
