@@ -55,10 +55,7 @@ def _math_flex(q, k, v, block_mask, scale, score_mod, **_) -> tuple[torch.Tensor
     X, G, M, _ = q.shape
     N = k.shape[2]
     k, v = (x.repeat_interleave(G // x.shape[1], dim=1).float() for x in (k, v))
-    x, g, m, n = (
-        torch.arange(size).view([-1 if d == dim else 1 for d in range(4)])
-        for dim, size in enumerate((X, G, M, N))
-    )
+    x, g, m, n = _indices(X, G, M, N)
     scores = q.float() @ k.transpose(-1, -2) * scale
     if score_mod is not None:
         scores = score_mod(scores, x, g, m, n)
@@ -102,11 +99,15 @@ def test_backward_matches_reference(data, case: Case) -> None:
 def _view_mask(mask_mod, shape: tuple[int, int, int]) -> torch.Tensor:
     """``mask_mod`` on every index of a ``(X, G, M)`` view: ``(X, G, M, M)``."""
     X, G, M = shape
-    x, g, m, n = (
-        torch.arange(size).view([-1 if d == dim else 1 for d in range(4)])
-        for dim, size in enumerate((X, G, M, M))
-    )
-    return mask_mod(x, g, m, n).expand(X, G, M, M)
+    return mask_mod(*_indices(X, G, M, M)).expand(X, G, M, M)
+
+
+def _indices(*sizes: int) -> list[torch.Tensor]:
+    """``arange(size)`` for each dim, shaped to broadcast against the others."""
+    return [
+        torch.arange(size).view([-1 if d == dim else 1 for d in range(len(sizes))])
+        for dim, size in enumerate(sizes)
+    ]
 
 
 def _check_sound(bm, visible: torch.Tensor) -> None:

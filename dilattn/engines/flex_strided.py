@@ -287,7 +287,7 @@ def _calls(
     # the gradients the backward allocates (empty_like: a view that is not dense, such as q
     # of a fused projection, gets dense strides), folded with the inputs
     grads = tuple(
-        (tuple(x.shape), torch.empty_like(x, device="meta").stride(), i > 0)
+        strided._layout(torch.empty_like(x, device="meta"), by_kv=i > 0)
         for i, x in enumerate((query, key, value))
     )
     tensors = (query, key, value, out, lse)

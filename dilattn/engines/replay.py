@@ -4,10 +4,9 @@ A short call of the strided engine is a dozen attention kernels and their merges
 costing more host time to launch than GPU time to run: eager code (and ``torch.compile`` in
 its default mode, where the engine is one opaque op) waits on the CPU. :func:`replay`
 captures such a sequence at the second call with an input layout, on copies of its inputs,
-then replays it:
-the inputs are copied in, one graph launch runs every kernel, and the outputs are copied out
-(replays reuse the graph's buffers). It costs one copy of the inputs and outputs per layout
-in GPU memory, and three to six memory-bound copies per call.
+then replays it: the inputs are copied in, one graph launch runs every kernel, and the
+outputs are copied out (replays reuse the graph's buffers). It costs one copy of the inputs
+and outputs per layout in GPU memory, and three to six memory-bound copies per call.
 """
 
 from __future__ import annotations
