@@ -35,12 +35,15 @@ CASES = [
 
 
 SPLIT = Case((256, 512, 1024, 600), (1, 2, 4, 6), 2, 6, 6, 1500, 1500, 64, 64, True, "split")
+# views of 64 rows whose 4 query heads per key head fill 256 rows: inductor's flex decoding
+# kernel (taken under 128 query rows) has no config for them
+SHORT_GQA = Case((64, 128), (1, 2), 2, 8, 2, 300, 300, 32, 32, True, "cyclic")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("case", "backend"),
-    [(c, "flex") for c in CASES] + [(c, "strided") for c in (*CASES, SPLIT)],
+    [(c, "flex") for c in (*CASES, SHORT_GQA)] + [(c, "strided") for c in (*CASES, SPLIT)],
     ids=str,
 )
 def test_forward_and_backward(case: Case, backend: str, dtype: torch.dtype) -> None:

@@ -578,7 +578,7 @@ def test_generation_on_cuda_equals_the_full_forward() -> None:
         full = model(tokens)
     logits, _ = _decode(model, tokens, prefill=300)  # prompt longer than every segment
     torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
-    greedy = model.generate(tokens[:, :300], 50, temperature=0)
+    greedy = model.generate(tokens[:, :300], 301, temperature=0)  # the full forward's length
     with torch.no_grad():
         step_logits = model(greedy[:, :-1])[:, 299:]
     torch.testing.assert_close(greedy[:, 300:], step_logits.argmax(-1))

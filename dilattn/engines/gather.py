@@ -51,7 +51,8 @@ RECOMPILE_LIMIT = 64
 # Shapes (of q and k) that get flex kernels compiled for them alone: on the H100 these run
 # local attention at 256K 1.35x faster, forward and backward, than the kernel compiled for
 # dynamic shapes that every later shape shares. A training run sees one or a few shapes;
-# past these, one dynamic kernel rather than a compile per shape.
+# past these, one dynamic kernel rather than a compile per shape. Calls of fewer query rows
+# than a block (decoding steps, each with a new key length) always take the dynamic kernel.
 STATIC_SHAPES = 8
 
 
@@ -365,6 +366,18 @@ def _flex_attention(
     return _run_flex(q, k, v, block_mask, scale, mods.score_mod)
 
 
+def _kernel_options(q: Tensor, k: Tensor, block_mask: BlockMask) -> dict[str, Any] | None:
+    """Kernel options that keep a short GQA call off inductor's flex decoding kernel where it
+    has no valid config. Under a query block of rows, inductor picks that kernel, which packs
+    a key head's group of query heads into one tile of the next power of two of rows; past the
+    mask's query block size every config is refused (``NoValidChoicesError``, torch 2.11 to
+    2.13; pytorch/pytorch#185349). The main kernel takes those calls."""
+    rows, group = q.shape[-2], q.shape[1] // k.shape[1]
+    if rows < block_mask.BLOCK_SIZE[0] < rows * group:
+        return {"FORCE_USE_FLEX_ATTENTION": True}
+    return None
+
+
 def _run_flex(
     q: Tensor,
     k: Tensor,
@@ -388,6 +401,7 @@ def _run_flex(
         "scale": scale,
         "enable_gqa": True,
         "return_aux": AuxRequest(lse=True),
+        "kernel_options": _kernel_options(q, k, block_mask),
     }
     if torch.compiler.is_compiling() or not q.is_cuda:
         out, aux = flex_attention(q, k, v, **options)
@@ -408,9 +422,9 @@ def _run_flex(
 
 def _compiled_flex(q: Tensor, k: Tensor, v: Tensor, options: dict[str, Any]) -> Any:
     """Compiled flex: a kernel for these shapes alone while :data:`_static_shapes` admits
-    them, else the one for dynamic shapes."""
+    them, else (and for calls shorter than a query block) the one for dynamic shapes."""
     shapes = (q.shape, k.shape)
-    if _static_shapes.admit(shapes):
+    if q.shape[-2] >= BLOCK_SIZE and _static_shapes.admit(shapes):
         try:
             return _compile_flex(True)(q, k, v, **options)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
